@@ -1,0 +1,38 @@
+"""igq_plugin: instance-aware group quantization (IGQ-ViT) for vision transformers.
+
+    import igq_plugin as igq
+    qmodel = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=8), calibration_data)
+
+Importing this package imports torch (and numpy/scipy on demand) only; framework adapters live
+in ``igq_plugin.integrations.<name>`` and import their framework lazily.
+"""
+from . import ops
+from .attention import QuantAttention, register_attention_adapter
+from .calibration import fit_group_ranges, fit_row_groups
+from .config import IGQConfig
+from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
+from .quantize import calibrate, convert, prepare, quantize
+from .serialization import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IGQConfig",
+    "quantize",
+    "prepare",
+    "calibrate",
+    "convert",
+    "save",
+    "load",
+    "ops",
+    "ActQuantizer",
+    "SoftmaxQuantizer",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantAttention",
+    "register_attention_adapter",
+    "iter_quantizers",
+    "fit_group_ranges",
+    "fit_row_groups",
+    "__version__",
+]

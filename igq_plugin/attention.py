@@ -1,0 +1,133 @@
+"""Quantized attention for known attention modules.
+
+The quantized forward of every supported attention class is the same math,
+:func:`QuantAttention.attend`: Q and K operands of QK^T, the post-softmax probabilities (row
+groups) and V are quantized; the softmax input stays in full precision. Per-class adapters only
+say how Q, K, V and the additive bias are obtained and how the output is projected, mirroring
+the class's own unfused forward.
+
+Adapters *adopt* the original module's parameters, buffers, children and attributes, so the
+state-dict keys of the model are unchanged (``blocks.0.attn.qkv.weight`` stays where it was)
+and only quantizer buffers are added. Classes are matched by qualified name, so nothing here
+imports timm; :func:`register_attention_adapter` adds more.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .modules import ActQuantizer, SoftmaxQuantizer
+
+__all__ = [
+    "QuantAttention",
+    "register_attention_adapter",
+    "attention_adapter_for",
+    "attention_channels",
+    "ATTENTION_ADAPTERS",
+]
+
+
+class QuantAttention(nn.Module):
+    """Base of quantized attention adapters (see module docstring)."""
+
+    def __init__(self, orig: nn.Module, quantizers: dict[str, Optional[nn.Module]]) -> None:
+        super().__init__()
+        for key, value in vars(orig).items():
+            if key.startswith("_") and key not in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+                continue
+            self.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
+        self._orig_cls = type(orig)
+        self.fused_attn = False
+        for name, q in quantizers.items():
+            setattr(self, name, q)
+
+    def _quant_operand(self, quantizer: Optional[ActQuantizer], t: torch.Tensor) -> torch.Tensor:
+        """Quantize a [B, H, N, d] operand; per-channel schemes see channels H*d, as the projection wrote them."""
+        if quantizer is None:
+            return t
+        if quantizer.scheme == "layer":
+            return quantizer(t)
+        b, h, n, d = t.shape
+        flat = t.transpose(1, 2).reshape(b, n, h * d)
+        return quantizer(flat).reshape(b, n, h, d).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(Q_hat K_hat^T + bias) quantized by row groups, times V_hat. q is already scaled."""
+        q = self._quant_operand(self.q_quantizer, q)
+        k = self._quant_operand(self.k_quantizer, k)
+        attn = q @ k.transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        if self.softmax_quantizer is not None:
+            attn = self.softmax_quantizer(attn)
+        v = self._quant_operand(self.v_quantizer, v)
+        return attn @ v
+
+
+class QuantTimmAttention(QuantAttention):
+    """timm ``Attention`` (ViT, DeiT, DINOv2, EVA-style blocks without RoPE)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = None
+        if attn_mask is not None or is_causal:
+            from timm.layers.attention import resolve_self_attn_mask  # only reachable with timm models
+
+            probe = torch.empty(B, self.num_heads, N, N, dtype=q.dtype, device=q.device)
+            bias = resolve_self_attn_mask(N, probe, attn_mask, is_causal)
+            if bias is not None and bias.dtype == torch.bool:
+                bias = torch.zeros_like(bias, dtype=q.dtype).masked_fill(~bias, float("-inf"))
+        x = self.attend(q * self.scale, k, v, bias)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantSwinWindowAttention(QuantAttention):
+    """timm Swin ``WindowAttention`` (relative position bias, shifted-window mask)."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self._orig_cls._get_rel_pos_bias(self)  # [1, H, N, N]
+        if mask is not None:
+            num_win = mask.shape[0]
+            bias = bias + mask.to(bias.dtype).repeat(B_ // num_win, 1, 1).unsqueeze(1)
+        x = self.attend(q * self.scale, k, v, bias)
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+ATTENTION_ADAPTERS: dict[str, type[QuantAttention]] = {
+    "timm.layers.attention.Attention": QuantTimmAttention,
+    "timm.models.swin_transformer.WindowAttention": QuantSwinWindowAttention,
+}
+
+
+def register_attention_adapter(qualified_class_name: str, adapter: type[QuantAttention]) -> None:
+    """Quantize attention modules of class ``qualified_class_name`` (``module.QualName``) with ``adapter``."""
+    if not (isinstance(adapter, type) and issubclass(adapter, QuantAttention)):
+        raise TypeError(f"adapter must be a QuantAttention subclass, got {adapter!r}")
+    ATTENTION_ADAPTERS[qualified_class_name] = adapter
+
+
+def attention_adapter_for(module: nn.Module) -> Optional[type[QuantAttention]]:
+    cls = type(module)
+    return ATTENTION_ADAPTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def attention_channels(module: nn.Module) -> int:
+    """Channels H*d of the Q/K/V operands of a supported attention module (from its qkv Linear)."""
+    return module.qkv.out_features // 3
+

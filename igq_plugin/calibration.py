@@ -1,0 +1,187 @@
+"""Calibration: streaming range observers and fitting of static group ranges.
+
+Observers keep only per-instance summaries, never activations: a channel site stores the
+(min, max) of every channel of every instance (O(instances x channels)); a softmax site stores
+the maximum of every attention row (O(instances x heads x queries)).
+
+Group ranges are fitted by k-means in (min, max) space (DESIGN.md §1): deterministic
+initialization at quantiles of the range width, alternating assignment (paper Eq. 5, the rule
+used at inference) and centre update until no assignment changes or ``max_iter``; an empty
+group is re-seeded with the point farthest from its centre.
+
+Centre update rules (``update=``):
+* ``"envelope"`` (default): (min l, max u) of the assigned channels. At a fixed point no
+  calibration channel is clipped by its own group.
+* ``"mean"``: mean of the assigned (l, u) -- the textbook k-means update. Every channel wider
+  than its group's mean range is clipped; outlier channels (DINOv2's |x| ~ 90 in block 0) are
+  cut to a fraction of their range.
+* ``"quantile"``: the (1 - q) quantile of l and the q quantile of u of the assigned channels;
+  between the two, it ignores the rarest extremes.
+Measured in ``benchmarks/update_rules.py`` (results/update_rules.md): see the README.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+
+__all__ = [
+    "UPDATE_RULES",
+    "ChannelRangeObserver",
+    "RowMaxObserver",
+    "fit_group_ranges",
+    "fit_row_groups",
+]
+
+UPDATE_RULES = ("envelope", "mean", "quantile")
+
+
+def _check_finite(t: torch.Tensor, site: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise ValueError(
+            f"calibration activation at site '{site}' contains {bad}; check the calibration data "
+            "and the model's numerics (the input to this site must be finite)"
+        )
+
+
+class ChannelRangeObserver:
+    """Collects per-instance per-channel (min, max) of activations [B, ..., C]."""
+
+    def __init__(self, site: str = "") -> None:
+        self.site = site
+        self._lo: list[torch.Tensor] = []
+        self._hi: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = ops.channel_ranges(x.detach())
+        _check_finite(lo, self.site)
+        _check_finite(hi, self.site)
+        self._lo.append(lo.float().cpu())
+        self._hi.append(hi.float().cpu())
+
+    @property
+    def num_instances(self) -> int:
+        return sum(t.shape[0] for t in self._lo)
+
+    def ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi), each [instances, C]."""
+        if not self._lo:
+            raise ValueError(f"site '{self.site}' observed no activations")
+        return torch.cat(self._lo), torch.cat(self._hi)
+
+
+class RowMaxObserver:
+    """Collects the maximum of every attention row of probabilities [..., N_q, N_k]."""
+
+    def __init__(self, site: str = "") -> None:
+        self.site = site
+        self._u: list[torch.Tensor] = []
+
+    def observe(self, a: torch.Tensor) -> None:
+        u = ops.row_maxima(a.detach()).reshape(-1)
+        _check_finite(u, self.site)
+        self._u.append(u.float().cpu())
+
+    @property
+    def num_instances(self) -> int:
+        return sum(t.numel() for t in self._u)
+
+    def maxima(self) -> torch.Tensor:
+        if not self._u:
+            raise ValueError(f"site '{self.site}' observed no activations")
+        return torch.cat(self._u)
+
+
+def _nearest_rank_quantile(t: torch.Tensor, q: float) -> torch.Tensor:
+    k = min(t.numel() - 1, max(0, math.ceil(q * t.numel()) - 1))
+    return torch.kthvalue(t, k + 1).values
+
+
+def _update_centres(
+    lo: torch.Tensor, hi: torch.Tensor, assign: torch.Tensor, centres: torch.Tensor, update: str, quantile: float
+) -> torch.Tensor:
+    g = centres.shape[0]
+    new = centres.clone()
+    if update == "mean":
+        counts = torch.bincount(assign, minlength=g).to(lo.dtype)
+        sums = torch.zeros(g, 2, dtype=lo.dtype).index_add_(0, assign, torch.stack([lo, hi], 1))
+        filled = counts > 0
+        new[filled] = sums[filled] / counts[filled, None]
+    elif update == "envelope":
+        new[:, 0] = torch.full((g,), math.inf, dtype=lo.dtype).scatter_reduce(0, assign, lo, "amin", include_self=True)
+        new[:, 1] = torch.full((g,), -math.inf, dtype=hi.dtype).scatter_reduce(0, assign, hi, "amax", include_self=True)
+        empty = torch.bincount(assign, minlength=g) == 0
+        new[empty] = centres[empty]
+    elif update == "quantile":
+        for k in range(g):
+            members = assign == k
+            if bool(members.any()):
+                new[k, 0] = _nearest_rank_quantile(lo[members], 1.0 - quantile)
+                new[k, 1] = _nearest_rank_quantile(hi[members], quantile)
+    else:
+        raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}")
+    return new
+
+
+def fit_group_ranges(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    num_groups: int,
+    *,
+    update: str = "envelope",
+    max_iter: int = 100,
+    quantile: float = 0.999,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit ``num_groups`` static ranges to observed (min, max) pairs (any matching shapes).
+
+    Returns (group_lo, group_hi), each [num_groups], sorted by range width. Deterministic.
+    """
+    if update not in UPDATE_RULES:
+        raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    lo = lo.reshape(-1).double()
+    hi = hi.reshape(-1).double()
+    n = lo.numel()
+    if n == 0:
+        raise ValueError("no (min, max) pairs to fit group ranges to")
+    points = torch.stack([lo, hi], 1)
+    order = torch.argsort(hi - lo, stable=True)
+    seeds = order[((torch.arange(num_groups, dtype=torch.float64) + 0.5) / num_groups * n).long().clamp_max(n - 1)]
+    centres = points[seeds].clone()
+    assign = None
+    for _ in range(max_iter):
+        new_assign = ops.assign_groups(lo, hi, centres[:, 0], centres[:, 1])
+        counts = torch.bincount(new_assign, minlength=num_groups)
+        if bool((counts == 0).any()) and n >= num_groups:
+            # Re-seed each empty group with the point farthest from its current centre.
+            dist = ((points - centres[new_assign]) ** 2).sum(1)
+            for k in torch.nonzero(counts == 0).flatten().tolist():
+                far = int(torch.argmax(dist))
+                centres[k] = points[far]
+                dist[far] = -1.0
+            new_assign = ops.assign_groups(lo, hi, centres[:, 0], centres[:, 1])
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        centres = _update_centres(lo, hi, assign, centres, update, quantile)
+    width_order = torch.argsort(centres[:, 1] - centres[:, 0], stable=True)
+    centres = centres[width_order]
+    return centres[:, 0].float(), centres[:, 1].float()
+
+
+def fit_row_groups(
+    maxima: torch.Tensor, num_groups: int, *, update: str = "envelope", max_iter: int = 100, quantile: float = 0.999
+) -> torch.Tensor:
+    """Fit ``num_groups`` softmax row ranges [0, u_g] to observed row maxima; returns u_g [G].
+
+    Same k-means as channel groups with l = 0 for every row, so the distance reduces to
+    |u_i - u_g| (the row assignment rule used at inference).
+    """
+    _, group_hi = fit_group_ranges(
+        torch.zeros_like(maxima), maxima, num_groups, update=update, max_iter=max_iter, quantile=quantile
+    )
+    return group_hi

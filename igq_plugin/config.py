@@ -1,0 +1,175 @@
+"""IGQConfig: the one typed, validated, serializable configuration of igq_plugin."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .calibration import UPDATE_RULES
+from .ops.quant import check_bits
+
+__all__ = ["IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION"]
+
+ACT_SCHEMES = ("layer", "channel", "igq")
+CONFIG_VERSION = 1
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _as_patterns(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of module-name glob patterns, got {value!r}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{name} must contain strings (glob patterns), got {p!r}")
+    return patterns
+
+
+@dataclass
+class IGQConfig:
+    """Configuration of instance-aware group quantization.
+
+    Bits
+        weight_bits, act_bits: bits of the transformer-block Linear weights and inputs (2-8).
+        softmax_bits: bits of post-softmax attention (None: act_bits).
+        embed_bits, head_bits: bits (weights and inputs) of the patch embedding and the
+            classifier head; None keeps that layer in full precision.
+    Activation quantization
+        act_scheme: "igq" (instance-aware groups), "layer" (one static range per tensor) or
+            "channel" (static per-channel ranges; a non-deployable upper reference).
+        num_groups: IGQ groups per Linear input site. A site with fewer channels gets one
+            group per channel (a warning names it).
+        softmax_groups: row groups of post-softmax attention (None: num_groups under "igq",
+            1 otherwise).
+        matmul_scheme: scheme of the Q, K, V operands of the attention matmuls (per-head
+            channels; default "layer").
+        quantize_attention: quantize Q, K, V and post-softmax attention in known attention
+            modules (timm ViT/DeiT/DINOv2, Swin).
+    Calibration
+        range_update: k-means centre update of group ranges, one of "envelope", "mean",
+            "quantile" (see igq_plugin.calibration).
+        range_quantile: q of the "quantile" rule.
+        kmeans_iters: iteration cap of the group fitting.
+    Weights
+        weight_percentile: clipping eps in percent per output channel (None: 5e-2 at <= 4 bits,
+            1e-3 at 5-6 bits, 0 = min-max at 7-8 bits).
+    Sites
+        skip: module-name glob patterns left in full precision.
+        embed_patterns, head_patterns: glob patterns that identify the patch embedding and
+            the classifier head.
+    Allocation
+        group_allocation: None (uniform num_groups). Budgeted allocation is planned.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    num_groups: int = 8
+    act_scheme: str = "igq"
+    softmax_groups: Optional[int] = None
+    softmax_bits: Optional[int] = None
+    matmul_scheme: str = "layer"
+    quantize_attention: bool = True
+    embed_bits: Optional[int] = 8
+    head_bits: Optional[int] = 8
+    range_update: str = "envelope"
+    range_quantile: float = 0.999
+    kmeans_iters: int = 100
+    weight_percentile: Optional[float] = None
+    skip: tuple[str, ...] = ()
+    embed_patterns: tuple[str, ...] = ("*patch_embed*",)
+    head_patterns: tuple[str, ...] = ("head", "head.*", "classifier", "classifier.*")
+    group_allocation: Optional[str] = None
+    version: int = field(default=CONFIG_VERSION, repr=False)
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        for name in ("softmax_bits", "embed_bits", "head_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                check_bits(value, name)
+        _check_choice(self.act_scheme, "act_scheme", ACT_SCHEMES)
+        _check_choice(self.matmul_scheme, "matmul_scheme", ACT_SCHEMES)
+        _check_int(self.num_groups, "num_groups", 1)
+        if self.softmax_groups is not None:
+            _check_int(self.softmax_groups, "softmax_groups", 1)
+        if not isinstance(self.quantize_attention, bool):
+            raise TypeError(f"quantize_attention must be a bool, got {self.quantize_attention!r}")
+        _check_choice(self.range_update, "range_update", UPDATE_RULES)
+        if not isinstance(self.range_quantile, (int, float)) or not 0.5 < self.range_quantile <= 1.0:
+            raise ValueError(f"range_quantile must be a float in (0.5, 1], got {self.range_quantile!r}")
+        _check_int(self.kmeans_iters, "kmeans_iters", 1)
+        if self.weight_percentile is not None:
+            if isinstance(self.weight_percentile, bool) or not isinstance(self.weight_percentile, (int, float)):
+                raise TypeError(f"weight_percentile must be a float in [0, 50) percent, got {self.weight_percentile!r}")
+            if not 0.0 <= self.weight_percentile < 50.0:
+                raise ValueError(f"weight_percentile must be in [0, 50) percent, got {self.weight_percentile}")
+        self.skip = _as_patterns(self.skip, "skip")
+        self.embed_patterns = _as_patterns(self.embed_patterns, "embed_patterns")
+        self.head_patterns = _as_patterns(self.head_patterns, "head_patterns")
+        if self.group_allocation is not None:
+            raise ValueError(
+                f"group_allocation must be None (uniform num_groups) in this version, got {self.group_allocation!r}"
+            )
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"IGQConfig version {self.version} is not supported (this igq_plugin writes {CONFIG_VERSION})")
+
+    # Effective values -------------------------------------------------------------------
+    @property
+    def effective_softmax_groups(self) -> int:
+        if self.softmax_groups is not None:
+            return self.softmax_groups
+        return self.num_groups if self.act_scheme == "igq" else 1
+
+    @property
+    def effective_softmax_bits(self) -> int:
+        return self.softmax_bits if self.softmax_bits is not None else self.act_bits
+
+    # Serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("skip", "embed_patterns", "head_patterns"):
+            d[key] = list(d[key])
+        d["type"] = type(self).__name__
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IGQConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"IGQConfig.from_dict expects a dict, got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("type", cls.__name__)
+        if kind != "IGQConfig":
+            raise ValueError(f"not an IGQConfig dict (type={kind!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown IGQConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IGQConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "IGQConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+

@@ -1,0 +1,287 @@
+"""Quantizer and quantized-layer modules shared by every integration.
+
+All quantized state is plain buffers (``lo``, ``hi``, ``weight_scale``, ...), so
+``state_dict``, safetensors and framework checkpoints round-trip it. The modules work on
+their own: build one, call ``start_observer()``, run data through it, call ``fit()``.
+
+Life cycle of a quantizer: uncalibrated -> observing (``start_observer``; forward passes
+activations through unchanged and records ranges) -> calibrated (``fit``; forward
+fake-quantizes). Calling an uncalibrated quantizer that is not observing is an error.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .calibration import ChannelRangeObserver, RowMaxObserver, fit_group_ranges, fit_row_groups
+
+__all__ = ["ActQuantizer", "SoftmaxQuantizer", "QuantLinear", "QuantConv2d", "iter_quantizers"]
+
+logger = logging.getLogger("igq_plugin")
+
+
+class _Quantizer(nn.Module):
+    """Shared life cycle: observer attribute + ``calibrated`` buffer."""
+
+    _observer_cls: type = ChannelRangeObserver
+
+    def __init__(self, bits: int, site: str) -> None:
+        super().__init__()
+        self.bits = ops.check_bits(bits, "bits")
+        self.site = site
+        self.observer = None
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @property
+    def observing(self) -> bool:
+        return self.observer is not None
+
+    def start_observer(self) -> None:
+        self.observer = self._observer_cls(self.site)
+
+    def _require_calibrated(self) -> None:
+        if not bool(self.calibrated):
+            raise RuntimeError(
+                f"quantizer at site '{self.site}' is not calibrated: run calibration data through the "
+                "prepared model and call igq.convert(), or use igq.quantize()"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Group counts can differ per site (allocation, clamping): take buffer shapes from the checkpoint.
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device, dtype=buf.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ActQuantizer(_Quantizer):
+    """Static activation quantizer of one site (channels last).
+
+    scheme "layer": one asymmetric range [lo, hi] for the whole tensor (buffers of shape [1]).
+    scheme "channel": a static range per channel (buffers [C]).
+    scheme "igq": G static group ranges (buffers [G]); every instance assigns each channel to
+        the nearest group (paper Eq. 5) and is quantized with that group's range.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        scheme: str = "igq",
+        channels: Optional[int] = None,
+        num_groups: int = 8,
+        *,
+        update: str = "envelope",
+        quantile: float = 0.999,
+        kmeans_iters: int = 100,
+        site: str = "",
+    ) -> None:
+        super().__init__(bits, site)
+        if scheme not in ("layer", "channel", "igq"):
+            raise ValueError(f"scheme must be 'layer', 'channel' or 'igq', got {scheme!r}")
+        if scheme != "layer" and channels is None:
+            raise ValueError(f"scheme {scheme!r} needs the channel count of site '{site}'")
+        self.scheme = scheme
+        self.update = update
+        self.quantile = quantile
+        self.kmeans_iters = kmeans_iters
+        if scheme == "layer":
+            size = 1
+        elif scheme == "channel":
+            size = channels
+        else:
+            size = num_groups
+            if channels is not None and num_groups > channels:
+                logger.warning(
+                    "site '%s' has %d channels < num_groups=%d: using %d groups (one per channel)",
+                    site, channels, num_groups, channels,
+                )
+                size = channels
+        self.register_buffer("lo", torch.zeros(size))
+        self.register_buffer("hi", torch.zeros(size))
+
+    @property
+    def num_groups(self) -> int:
+        return self.lo.numel() if self.scheme == "igq" else 1
+
+    def fit(self) -> None:
+        """Compute static ranges from the observer and stop observing."""
+        lo, hi = self.observer.ranges()  # [instances, C]
+        if self.scheme == "layer":
+            new_lo, new_hi = lo.min().reshape(1), hi.max().reshape(1)
+        elif self.scheme == "channel":
+            new_lo, new_hi = lo.amin(0), hi.amax(0)
+        else:
+            new_lo, new_hi = fit_group_ranges(
+                lo, hi, self.lo.numel(), update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile
+            )
+        self.lo.copy_(new_lo)
+        self.hi.copy_(new_hi)
+        self.calibrated.fill_(True)
+        self.observer = None
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.asym_qparams(self.lo, self.hi, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x)
+            return x
+        self._require_calibrated()
+        if self.scheme == "igq":
+            return ops.group_fake_quantize(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits)
+        scale, zero_point = self.qparams()
+        qmin, qmax = ops.qrange(self.bits)
+        return ops.fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, bits={self.bits}, scheme={self.scheme}, groups={self.num_groups}"
+
+
+class SoftmaxQuantizer(_Quantizer):
+    """Post-softmax attention quantizer with static row groups [0, u_g] (unsigned)."""
+
+    _observer_cls = RowMaxObserver
+
+    def __init__(
+        self, bits: int, num_groups: int = 1, *, update: str = "envelope", quantile: float = 0.999,
+        kmeans_iters: int = 100, site: str = "",
+    ) -> None:
+        super().__init__(bits, site)
+        self.update = update
+        self.quantile = quantile
+        self.kmeans_iters = kmeans_iters
+        self.register_buffer("hi", torch.ones(num_groups))
+
+    @property
+    def num_groups(self) -> int:
+        return self.hi.numel()
+
+    def fit(self) -> None:
+        u = self.observer.maxima()
+        if self.num_groups == 1:
+            self.hi.copy_(u.max().reshape(1))
+        else:
+            self.hi.copy_(
+                fit_row_groups(u, self.num_groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
+            )
+        self.calibrated.fill_(True)
+        self.observer = None
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(a)
+            return a
+        self._require_calibrated()
+        return ops.softmax_group_fake_quantize(a, self.hi.to(a.dtype), self.bits)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, bits={self.bits}, groups={self.num_groups}"
+
+
+class _QuantWeightMixin:
+    """Per-output-channel weight fake-quantization from buffers weight_scale / weight_zero_point."""
+
+    def _init_weight_quant(self, w_bits: int, out_channels: int, percentile: float) -> None:
+        self.w_bits = ops.check_bits(w_bits, "w_bits")
+        self.weight_percentile = percentile
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("weight_zero_point", torch.zeros(out_channels))
+        self.register_buffer("weight_calibrated", torch.tensor(False))
+
+    def calibrate_weight(self) -> None:
+        """Set the weight quantizer from the current weights (percentile clipping)."""
+        scale, zero_point = ops.weight_qparams(self.weight, self.w_bits, self.weight_percentile)
+        self.weight_scale.copy_(scale)
+        self.weight_zero_point.copy_(zero_point)
+        self.weight_calibrated.fill_(True)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated)."""
+        if not bool(self.weight_calibrated):
+            return self.weight
+        return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
+
+    def weight_codes(self) -> torch.Tensor:
+        """Integer weight codes (in the weight's dtype)."""
+        return ops.quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Module):
+    """A Linear with an input activation quantizer and per-output-channel weight quantizer.
+
+    Parameter names (``weight``, ``bias``) match nn.Linear, so checkpoints of the float model load.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        w_bits: int = 4,
+        weight_percentile: float = 0.0,
+        input_quantizer: Optional[ActQuantizer] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._init_weight_quant(w_bits, out_features, weight_percentile)
+        self.input_quantizer = input_quantizer
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **kwargs) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        q.weight = linear.weight
+        q.bias = linear.bias
+        return q.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}"
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Module):
+    """A Conv2d (e.g. the patch embedding) with a per-tensor input quantizer and per-channel weights."""
+
+    def __init__(
+        self, conv: nn.Conv2d, *, w_bits: int = 8, weight_percentile: float = 0.0,
+        input_quantizer: Optional[ActQuantizer] = None,
+    ) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._init_weight_quant(w_bits, conv.out_channels, weight_percentile)
+        self.input_quantizer = input_quantizer
+        self.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, w_bits={self.w_bits}"
+
+
+def iter_quantizers(model: nn.Module):
+    """Yield (name, quantizer) for every ActQuantizer / SoftmaxQuantizer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _Quantizer):
+            yield name, module

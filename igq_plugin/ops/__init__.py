@@ -1,0 +1,38 @@
+"""Pure tensor functions of igq_plugin: no module state, no config objects.
+
+Everything an integration or kernel needs to reproduce the core's arithmetic lives here.
+"""
+from .bops import (
+    FP_OP_BOPS,
+    attention_macs,
+    igq_linear_overhead_ops,
+    linear_macs,
+    mac_bops,
+    softmax_group_overhead_ops,
+)
+from .groups import (
+    assign_groups,
+    assign_rows,
+    channel_ranges,
+    group_fake_quantize,
+    group_qparams,
+    group_quantize,
+    row_maxima,
+    softmax_group_fake_quantize,
+    softmax_group_quantize,
+)
+from .linear import int_grouped_linear
+from .quant import (
+    MAX_BITS,
+    MIN_BITS,
+    asym_qparams,
+    check_bits,
+    dequantize,
+    fake_quantize,
+    qrange,
+    quantize,
+    sym_qparams,
+)
+from .weight import default_weight_percentile, fake_quantize_weight, quantize_weight, weight_qparams
+
+__all__ = [name for name in dir() if not name.startswith("_")]

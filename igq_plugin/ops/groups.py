@@ -1,0 +1,125 @@
+"""Instance-aware group quantization of activations (IGQ-ViT, DESIGN.md §1).
+
+Layout conventions (pure functions, no state):
+* A *channel site* is a tensor ``x`` of shape [B, ..., C]: B instances, any number of token
+  dimensions, C channels last. Per-instance ranges are taken over all token positions.
+* A *softmax site* is attention probabilities ``a`` of shape [..., N_q, N_k]; each row (one
+  query token of one head of one instance) is assigned to a group by its maximum.
+
+Group quantizers are static (calibrated ranges); only the assignment is per instance.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant import asym_qparams, dequantize, qrange, quantize
+
+__all__ = [
+    "channel_ranges",
+    "assign_groups",
+    "group_qparams",
+    "group_quantize",
+    "group_fake_quantize",
+    "row_maxima",
+    "assign_rows",
+    "softmax_group_quantize",
+    "softmax_group_fake_quantize",
+]
+
+
+def _as_instances(x: torch.Tensor) -> torch.Tensor:
+    """View [B, ..., C] as [B, T, C] (T = product of the token dims, 1 for a 2-D input)."""
+    if x.dim() < 2:
+        raise ValueError(f"expected an activation of shape [B, ..., C], got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def channel_ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-instance per-channel (min, max) of x [B, ..., C] -> two tensors [B, C]."""
+    lo, hi = torch.aminmax(_as_instances(x), dim=1)
+    return lo, hi
+
+
+def assign_groups(
+    lo: torch.Tensor, hi: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor
+) -> torch.Tensor:
+    """Paper Eq. 5: a_c = argmin_g (l_c - l_g)^2 + (u_c - u_g)^2; ties go to the lowest g.
+
+    lo, hi: [..., C] channel ranges; group_lo, group_hi: [G]. Returns int64 [..., C].
+    """
+    dist = (lo.unsqueeze(-1) - group_lo) ** 2 + (hi.unsqueeze(-1) - group_hi) ** 2
+    return torch.argmin(dist, dim=-1)  # argmin returns the first minimum: lowest group index
+
+
+def group_qparams(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each group's asymmetric quantizer, [G] each."""
+    return asym_qparams(group_lo, group_hi, bits)
+
+
+def group_quantize(
+    x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assign every (instance, channel) of x [B, ..., C] to a group and quantize it.
+
+    Returns (codes shaped like x, assignment [B, C], group scale [G], group zero point [G]).
+    """
+    lo, hi = channel_ranges(x)
+    assignment = assign_groups(lo, hi, group_lo, group_hi)
+    scale, zero_point = group_qparams(group_lo, group_hi, bits)
+    xi = _as_instances(x)
+    s = scale[assignment].unsqueeze(1)  # [B, 1, C]
+    z = zero_point[assignment].unsqueeze(1)
+    qmin, qmax = qrange(bits)
+    codes = quantize(xi, s, z, qmin, qmax).reshape(x.shape)
+    return codes, assignment, scale, zero_point
+
+
+def group_fake_quantize(
+    x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Fake-quantize x [B, ..., C]: each channel of each instance with its assigned group's quantizer."""
+    codes, assignment, scale, zero_point = group_quantize(x.detach(), group_lo, group_hi, bits)
+    s = scale[assignment].unsqueeze(1)
+    z = zero_point[assignment].unsqueeze(1)
+    x_hat = dequantize(_as_instances(codes), s, z).reshape(x.shape)
+    if x.requires_grad:
+        return x + (x_hat - x).detach()
+    return x_hat
+
+
+def row_maxima(a: torch.Tensor) -> torch.Tensor:
+    """Maximum of each softmax row: a [..., N_q, N_k] -> [..., N_q]."""
+    return a.amax(dim=-1)
+
+
+def assign_rows(u: torch.Tensor, group_hi: torch.Tensor) -> torch.Tensor:
+    """a_i = argmin_g |u_i - u_g| (ties -> lowest g). u: [...], group_hi: [G] -> int64 [...]."""
+    return torch.argmin((u.unsqueeze(-1) - group_hi).abs(), dim=-1)
+
+
+def _row_scale(a: torch.Tensor, group_hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    assignment = assign_rows(row_maxima(a), group_hi)
+    scale, _ = asym_qparams(torch.zeros_like(group_hi), group_hi, bits)  # unsigned on [0, u_g]
+    return scale[assignment].unsqueeze(-1), assignment
+
+
+def softmax_group_quantize(
+    a: torch.Tensor, group_hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-group quantization of attention probabilities a [..., N_q, N_k].
+
+    Returns (unsigned codes shaped like a, row assignment [..., N_q], per-row scale [..., N_q, 1]).
+    """
+    s, assignment = _row_scale(a, group_hi, bits)
+    qmin, qmax = qrange(bits)
+    return quantize(a, s, 0.0, qmin, qmax), assignment, s
+
+
+def softmax_group_fake_quantize(a: torch.Tensor, group_hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize attention probabilities with static row groups (unsigned, [0, u_g])."""
+    s, _ = _row_scale(a.detach(), group_hi, bits)
+    qmin, qmax = qrange(bits)
+    a_hat = quantize(a, s, 0.0, qmin, qmax) * s
+    if a.requires_grad:
+        return a + (a_hat - a).detach()
+    return a_hat

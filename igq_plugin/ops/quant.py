@@ -1,0 +1,83 @@
+"""Uniform quantizer primitives: qparams, quantize, dequantize, fake-quantize.
+
+Pure functions on tensors: no module state, no config objects. Codes are returned as
+integer-valued tensors in the input's floating dtype (exact for |q| < 2**24), so the
+same function serves the fake-quant path and the integer reference path.
+
+Asymmetric b-bit quantizer on [lo, hi] (DESIGN.md §1):
+    s = (hi - lo) / (2**b - 1),  z = round(-lo / s),
+    q = clamp(round(x / s) + z, 0, 2**b - 1),  x_hat = s * (q - z).
+The zero point is not forced into [0, 2**b - 1]: channels whose whole range lies away
+from zero (LayerNorm outputs with an offset) keep all their levels. Store it as int32.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "check_bits",
+    "qrange",
+    "asym_qparams",
+    "sym_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+# Smallest step size: a range of zero width (a constant channel) still gets a valid quantizer.
+_MIN_SCALE = 1e-8
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    """Return ``bits`` if it is an int in [MIN_BITS, MAX_BITS], else raise ValueError naming ``name``."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    return bits
+
+
+def qrange(bits: int, signed: bool = False) -> tuple[int, int]:
+    """Integer code range: [0, 2^b - 1] unsigned, [-2^(b-1), 2^(b-1) - 1] signed."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def asym_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the asymmetric quantizer on [lo, hi] (broadcasting)."""
+    lo = torch.as_tensor(lo)
+    hi = torch.as_tensor(hi, dtype=lo.dtype)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
+    zero_point = torch.round(-lo / scale)
+    return scale, zero_point
+
+
+def sym_qparams(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (zero) zero point of the signed symmetric quantizer on [-amax, amax]."""
+    amax = torch.as_tensor(amax)
+    scale = (amax.abs() / (2 ** (bits - 1) - 1)).clamp_min(_MIN_SCALE)
+    return scale, torch.zeros_like(scale)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / scale) + zero_point, qmin, qmax)`` in x's dtype."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``scale * (q - zero_point)``."""
+    return (q - zero_point) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """dequantize(quantize(x)); gradients pass straight through inside the range (STE)."""
+    x_hat = dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+    if x.requires_grad:
+        # Straight-through estimator: identity gradient, forward value of x_hat.
+        return x + (x_hat - x).detach()
+    return x_hat

@@ -1,0 +1,244 @@
+"""igq.quantize(model, config, calibration_data): prepare -> calibrate -> convert, on a copy.
+
+The three steps are public too, for flows that run calibration themselves:
+
+    prepared = igq.prepare(model, cfg)       # a copy with quantizers in observing mode
+    igq.calibrate(prepared, data)             # or run your own loop over prepared(x)
+    qmodel = igq.convert(prepared)            # fit ranges, quantize weights (in place)
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .attention import attention_adapter_for, attention_channels
+from .config import IGQConfig
+from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
+
+__all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR"]
+
+logger = logging.getLogger("igq_plugin")
+
+CONFIG_ATTR = "igq_config"
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, child)
+
+
+def _act_quantizer(cfg: IGQConfig, bits: int, scheme: str, channels: Optional[int], groups: int, site: str) -> ActQuantizer:
+    return ActQuantizer(
+        bits, scheme, channels, groups,
+        update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters, site=site,
+    )
+
+
+def _weight_percentile(cfg: IGQConfig, bits: int) -> float:
+    return cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(bits)
+
+
+def _swap_attention(model: nn.Module, cfg: IGQConfig) -> None:
+    for name, module in list(model.named_modules()):
+        adapter = attention_adapter_for(module)
+        if adapter is None or not name or _matches(name, cfg.skip):
+            continue
+        bits = cfg.act_bits
+        channels = attention_channels(module)
+
+        def operand(tag: str) -> ActQuantizer:
+            return _act_quantizer(cfg, bits, cfg.matmul_scheme, channels, cfg.num_groups, f"{name}.{tag}_quantizer")
+
+        quantizers = {
+            "q_quantizer": operand("q"),
+            "k_quantizer": operand("k"),
+            "v_quantizer": operand("v"),
+            "softmax_quantizer": SoftmaxQuantizer(
+                cfg.effective_softmax_bits, cfg.effective_softmax_groups,
+                update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
+                site=f"{name}.softmax_quantizer",
+            ),
+        }
+        _set_child(model, name, adapter(module, quantizers))
+
+
+def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
+    """Replace Linear / patch-embedding Conv2d modules; returns names of layers left in float."""
+    left_float = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not name:
+            continue
+        if _matches(name, cfg.skip):
+            left_float.append(name)
+            continue
+        site = f"{name}.input_quantizer"
+        if _matches(name, cfg.embed_patterns):
+            w_bits = bits = cfg.embed_bits
+            scheme, groups = "layer", 1
+        elif _matches(name, cfg.head_patterns):
+            w_bits = bits = cfg.head_bits
+            scheme, groups = "layer", 1
+        elif isinstance(module, nn.Conv2d):
+            left_float.append(name)  # only the patch embedding convolution is quantized
+            continue
+        else:
+            w_bits, bits = cfg.weight_bits, cfg.act_bits
+            scheme, groups = cfg.act_scheme, cfg.num_groups
+        if bits is None:
+            left_float.append(name)
+            continue
+        if isinstance(module, nn.Linear):
+            quantizer = _act_quantizer(cfg, bits, scheme, module.in_features, groups, site)
+            new = QuantLinear.from_float(
+                module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits), input_quantizer=quantizer
+            )
+        else:
+            quantizer = _act_quantizer(cfg, bits, "layer", None, 1, site)
+            new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits), input_quantizer=quantizer)
+        _set_child(model, name, new)
+    return left_float
+
+
+def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True) -> nn.Module:
+    """A quantization-ready copy of ``model``; ``model`` itself is never modified.
+
+    Known attention modules are replaced by quantized adapters, every Linear (and the patch
+    embedding Conv2d) by a quantized module. With ``observe=True`` every quantizer records
+    ranges on the next forward passes; ``observe=False`` leaves them uncalibrated (for loading
+    a checkpoint).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, IGQConfig):
+        raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
+    prepared = copy.deepcopy(model).eval()
+    for module in prepared.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False  # fused SDPA hides the softmax
+    if config.quantize_attention:
+        _swap_attention(prepared, config)
+    left_float = _swap_layers(prepared, config)
+    quantizers = list(iter_quantizers(prepared))
+    if not quantizers:
+        raise ValueError(
+            f"model {type(model).__name__} has no quantizable layer: no nn.Linear (or patch-embedding Conv2d) "
+            f"outside the skip patterns {list(config.skip)}"
+        )
+    if left_float:
+        logger.info("layers kept in full precision: %s", ", ".join(left_float))
+    for module in prepared.modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            module.calibrate_weight()
+    if observe:
+        for _, quantizer in quantizers:
+            quantizer.start_observer()
+    setattr(prepared, CONFIG_ATTR, config)
+    return prepared
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _model_input(batch: Any, index: int) -> Any:
+    """The model input of one calibration item: a tensor, (input, label, ...) or a dict of kwargs."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
+        return batch[0]
+    raise TypeError(
+        f"calibration item {index} is a {type(batch).__name__}; expected a Tensor, an (input, label) "
+        "tuple/list whose first element is a Tensor, or a dict of model keyword arguments"
+    )
+
+
+def check_calibration_data(data: Any) -> None:
+    """TypeError unless ``data`` is a Tensor (one batch) or an iterable of batches."""
+    if isinstance(data, torch.Tensor):
+        return
+    if data is None or isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"calibration_data must be a Tensor batch, an iterable of Tensors or (input, label) tuples, or a "
+            f"DataLoader; got {type(data).__name__}"
+        )
+
+
+@torch.no_grad()
+def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = True) -> int:
+    """Run calibration data through a prepared model; returns the number of batches seen."""
+    check_calibration_data(calibration_data)
+    batches = [calibration_data] if isinstance(calibration_data, torch.Tensor) else calibration_data
+    device = _model_device(prepared)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    seen = 0
+    from tqdm.auto import tqdm
+
+    for index, batch in enumerate(tqdm(batches, total=total, desc="igq calibrate", unit="batch", disable=not progress)):
+        inputs = _to_device(_model_input(batch, index), device)
+        if isinstance(inputs, Mapping):
+            prepared(**inputs)
+        else:
+            prepared(inputs)
+        seen += 1
+    if seen == 0:
+        raise ValueError("calibration_data is empty: give at least one batch (the paper uses 32 images)")
+    return seen
+
+
+@torch.no_grad()
+def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
+    """Fit static ranges of every observing quantizer (in place) and return the model."""
+    from tqdm.auto import tqdm
+
+    observing = [(n, q) for n, q in iter_quantizers(prepared) if q.observing]
+    never_run = [n for n, q in observing if q.observer.num_instances == 0]
+    for name, quantizer in tqdm(observing, desc="igq fit ranges", unit="site", disable=not progress):
+        if name in never_run:
+            quantizer.observer = None
+            continue
+        quantizer.fit()
+    if never_run:
+        logger.warning(
+            "%d site(s) saw no calibration activations and stay uncalibrated (calling them raises): %s",
+            len(never_run), ", ".join(never_run),
+        )
+    return prepared
+
+
+def quantize(
+    model: nn.Module, config: Optional[IGQConfig] = None, calibration_data: Any = None, *, progress: bool = True
+) -> nn.Module:
+    """Quantize a copy of ``model`` with ``config`` (default IGQConfig()) calibrated on ``calibration_data``.
+
+    calibration_data: a Tensor batch, an iterable of Tensors, of (input, label) tuples or of dicts
+    of keyword arguments, or a DataLoader. The user's ``model`` is never modified.
+    """
+    config = IGQConfig() if config is None else config
+    check_calibration_data(calibration_data)
+    prepared = prepare(model, config)
+    calibrate(prepared, calibration_data, progress=progress)
+    return convert(prepared, progress=progress)

@@ -1,0 +1,49 @@
+"""Save and load quantized models: config + state dict (plain tensors), loadable with weights_only."""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import torch
+from torch import nn
+
+from .config import IGQConfig
+from .quantize import CONFIG_ATTR, prepare
+
+__all__ = ["save", "load", "FORMAT"]
+
+FORMAT = "igq_plugin.quantized_model"
+FORMAT_VERSION = 1
+
+
+def save(qmodel: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write a quantized model (from igq.quantize / igq.convert) to ``path``."""
+    config = getattr(qmodel, CONFIG_ATTR, None)
+    if not isinstance(config, IGQConfig):
+        raise ValueError("qmodel is not an igq_plugin quantized model (no igq_config): quantize it with igq.quantize first")
+    state = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "state_dict": state}, path)
+
+
+def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Rebuild the quantized model saved at ``path`` on a copy of the float ``model`` (same architecture).
+
+    The returned model's outputs are bit-identical to the saved one's; ``model`` is not modified.
+    """
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not an igq_plugin checkpoint (written by igq.save)")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has format version {ckpt['format_version']}; this igq_plugin reads up to "
+            f"{FORMAT_VERSION}: upgrade igq_plugin"
+        )
+    config = IGQConfig.from_dict(ckpt["config"])
+    qmodel = prepare(model, config, observe=False)
+    missing, unexpected = qmodel.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match this model architecture: missing keys {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    return qmodel.eval()

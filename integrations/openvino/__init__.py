@@ -1,0 +1,1 @@
+"""igq_plugin.integrations.openvino: adapter package (planned, DESIGN.md §5 phase 2; nothing is exported yet)."""
