@@ -86,8 +86,8 @@ class IGQConfig:
     quantize_attention: bool = True
     embed_bits: Optional[int] = 8
     head_bits: Optional[int] = 8
-    range_update: str = "envelope"
-    range_quantile: float = 0.999
+    range_update: str = "quantile"
+    range_quantile: float = 0.99
     kmeans_iters: int = 100
     weight_percentile: Optional[float] = None
     skip: tuple[str, ...] = ()

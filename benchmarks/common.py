@@ -1,0 +1,51 @@
+"""Shared helpers of the benchmark scripts: machine facts, metrics, result files."""
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine_info() -> dict:
+    """CPU model and the ISA flags that change quantized-kernel speed (machines differ)."""
+    model, flags = platform.processor(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"model name\s*:\s*(.+)", text)
+        model = m.group(1).strip() if m else model
+        found = set(re.findall(r"\b(avx2|avx512f|avx512_vnni|avx512_bf16|amx_tile|amx_int8|avx_vnni)\b", text))
+        flags = sorted(found)
+    except OSError:
+        pass
+    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = (ref - out).double().pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(ref.double().pow(2).sum() / noise))
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_markdown(path: Path, title: str, rows: list[dict], columns: list[str], meta: dict) -> None:
+    lines = [f"# {title}", ""]
+    m = meta.get("machine", {})
+    lines.append(f"Machine: {m.get('cpu')} ({', '.join(m.get('flags', [])) or 'no AVX2/AVX-512 flags'}), "
+                 f"{m.get('threads')} threads, torch {m.get('torch')}.")
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,139 @@
+"""The ``igq`` command line.
+
+    igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
+    igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ACT_SCHEMES, IGQConfig
+
+logger = logging.getLogger("igq_plugin")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization config")
+    g.add_argument("--config", type=Path, help="IGQConfig JSON file (flags below override its fields)")
+    g.add_argument("--w-bits", type=int, help="weight bits of transformer-block Linears (2-8; default 4)")
+    g.add_argument("--a-bits", type=int, help="activation bits (2-8; default 4)")
+    g.add_argument("--groups", type=int, help="IGQ groups per site (default 8)")
+    g.add_argument("--scheme", choices=ACT_SCHEMES, help="activation scheme (default igq)")
+    g.add_argument("--softmax-groups", type=int, help="post-softmax row groups (default: --groups under igq)")
+    g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
+
+
+def _config_from_args(args: argparse.Namespace) -> IGQConfig:
+    base = IGQConfig.from_json(args.config.read_text()) if args.config else IGQConfig()
+    changes = {
+        "weight_bits": args.w_bits, "act_bits": args.a_bits, "num_groups": args.groups,
+        "act_scheme": args.scheme, "softmax_groups": args.softmax_groups,
+        "skip": tuple(args.skip) if args.skip else None,
+    }
+    return base.replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(_config_from_args(args).to_json())
+    return 0
+
+
+def _load_images(folder: Path, transform, limit: int):
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise SystemExit(f"igq: no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return [transform(Image.open(f).convert("RGB")).unsqueeze(0) for f in files]
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    timm = _require_timm()
+    from . import quantize, save
+
+    cfg = _config_from_args(args)
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    if args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        model.load_state_dict(state)
+    else:
+        logger.warning("no --weights: quantizing randomly initialised %s", args.model)
+    model.eval()
+    if args.calib_dir:
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        transform = timm.data.create_transform(**data_cfg)
+        batches = _load_images(args.calib_dir, transform, args.num_calib)
+    else:
+        logger.warning("no --calib-dir: calibrating on %d random images", args.num_calib)
+        gen = torch.Generator().manual_seed(0)
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        batches = [torch.randn(1, *size, generator=gen) for _ in range(args.num_calib)]
+    qmodel = quantize(model, cfg, batches, progress=not args.quiet)
+    with torch.no_grad():
+        x = torch.cat(batches[: min(8, len(batches))])
+        ref, out = model(x), qmodel(x)
+        cos = torch.nn.functional.cosine_similarity(ref.flatten(1), out.flatten(1), dim=1).mean().item()
+    print(json.dumps({"model": args.model, "config": cfg.to_dict(), "output_cosine_vs_fp": round(cos, 6)}, indent=2))
+    if args.out:
+        save(qmodel, args.out)
+        print(f"saved quantized model to {args.out}")
+    return 0
+
+
+def _require_timm():
+    try:
+        import timm
+        import timm.data  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(f'igq quantize needs timm: pip install "igq_plugin[timm]" ({err})') from err
+    return timm
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igq", description="Instance-aware group quantization of vision transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log info messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print an IGQConfig as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("quantize", help="quantize a timm model and save it (igq.save format)")
+    p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
+    p.add_argument("--weights", type=Path, help="state-dict file of the float model")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs of the model (default 1000)")
+    p.add_argument("--calib-dir", type=Path, help="folder of calibration images (default: random inputs)")
+    p.add_argument("--num-calib", type=int, default=32, help="calibration images (default 32, as in the paper)")
+    p.add_argument("--out", type=Path, help="where to save the quantized model")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_quantize)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        print(f"igq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
