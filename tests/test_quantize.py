@@ -49,7 +49,7 @@ def test_igq_beats_layerwise_w4a4_on_instance_varying_channels():
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_timm_models_w8a8(name):
-    timm = pytest.importorskip("timm")  # dev extra: installed by .ci/run
+    import timm  # dev extra
     model = timm.create_model(name, pretrained=False).eval()
     calib = [torch.randn(2, 3, 224, 224) for _ in range(2)]
     x = torch.randn(2, 3, 224, 224)
@@ -64,7 +64,7 @@ def test_timm_models_w8a8(name):
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_attention_adapters_reproduce_timm_forward(name):
     """With no quantizers the adapters compute exactly what timm's unfused forward computes."""
-    timm = pytest.importorskip("timm")
+    import timm
     from igq_plugin.attention import attention_adapter_for
 
     model = timm.create_model(name, pretrained=False).eval()
@@ -213,7 +213,7 @@ def test_dict_calibration_items_are_keyword_arguments():
 
 
 def test_skip_patterns_and_head_embed_bits():
-    timm = pytest.importorskip("timm")
+    import timm
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
     cfg = igq.IGQConfig(skip=("blocks.11.mlp.*",), head_bits=None)
     q = igq.quantize(model, cfg, [torch.randn(1, 3, 224, 224)], progress=False)
@@ -241,7 +241,7 @@ def test_prepare_calibrate_convert_equals_quantize():
 
 
 def test_save_load_bit_identical(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
     qmodel = igq.quantize(model, igq.IGQConfig(num_groups=4), [torch.randn(2, 3, 224, 224)], progress=False)
     path = tmp_path / "q.pt"

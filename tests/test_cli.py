@@ -1,0 +1,39 @@
+"""The igq command line."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import igq_plugin as igq
+from igq_plugin.cli import main
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "igq_plugin.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "quantize" in out.stdout and "config" in out.stdout
+
+
+def test_config_command_prints_valid_config(capsys):
+    assert main(["config", "--w-bits", "6", "--a-bits", "6", "--groups", "12"]) == 0
+    cfg = igq.IGQConfig.from_json(capsys.readouterr().out)
+    assert (cfg.weight_bits, cfg.act_bits, cfg.num_groups) == (6, 6, 12)
+
+
+def test_config_command_rejects_bad_bits(capsys):
+    assert main(["config", "--w-bits", "9"]) == 2
+    assert "weight_bits must be in [2, 8]" in capsys.readouterr().err
+
+
+def test_quantize_command_saves_loadable_model(tmp_path, capsys):
+    import timm
+    out = tmp_path / "q.pt"
+    rc = main(["quantize", "--model", "deit_tiny_patch16_224", "--num-calib", "2", "-q",
+               "--w-bits", "8", "--a-bits", "8", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.split("\nsaved")[0])
+    assert report["output_cosine_vs_fp"] > 0.9
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    loaded = igq.load(out, model)
+    assert loaded(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
