@@ -81,10 +81,7 @@ class QuantTimmAttention(QuantAttention):
         if attn_mask is not None or is_causal:
             from timm.layers.attention import resolve_self_attn_mask  # only reachable with timm models
 
-            probe = torch.empty(B, self.num_heads, N, N, dtype=q.dtype, device=q.device)
-            bias = resolve_self_attn_mask(N, probe, attn_mask, is_causal)
-            if bias is not None and bias.dtype == torch.bool:
-                bias = torch.zeros_like(bias, dtype=q.dtype).masked_fill(~bias, float("-inf"))
+            bias = resolve_self_attn_mask(N, q, attn_mask, is_causal)  # additive float bias, as timm builds it
         x = self.attend(q * self.scale, k, v, bias)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)

@@ -264,3 +264,23 @@ def test_load_restores_per_site_group_counts(tmp_path):
     assert torch.equal(qmodel(x), loaded(x))
     with pytest.raises(ValueError, match="does not match this model"):
         igq.load(tmp_path / "q.pt", nn.Sequential(nn.Linear(4, 16)))
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+def test_timm_attention_adapter_masks(mask_kind):
+    from timm.layers.attention import Attention
+
+    from igq_plugin.attention import attention_adapter_for
+
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
+    attn.fused_attn = False
+    x = torch.randn(2, 6, 32)
+    kwargs = {"is_causal": True} if mask_kind == "causal" else {
+        "attn_mask": torch.rand(6, 6) > 0.3 if mask_kind == "bool" else torch.randn(6, 6)
+    }
+    if mask_kind == "bool":
+        kwargs["attn_mask"].fill_diagonal_(True)
+    wrapped = attention_adapter_for(attn)(copy.deepcopy(attn), dict.fromkeys(
+        ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer")))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x, **kwargs), attn(x, **kwargs), rtol=1e-5, atol=1e-5)
