@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from igq_plugin.ops import sqnr_db  # noqa: F401  (re-exported for the scripts)
+
 
 def machine_info() -> dict:
     """CPU model and the ISA flags that change quantized-kernel speed (machines differ)."""
@@ -23,11 +25,6 @@ def machine_info() -> dict:
         pass
     return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (ref - out).double().pow(2).sum().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.double().pow(2).sum() / noise))
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:

@@ -14,9 +14,10 @@ Group ranges are fitted in two stages (DESIGN.md §1):
    until the assignment is stable, as it will be used at inference:
    * ``"mean"``: the cluster mean itself. Every channel wider than its group's mean range is
      clipped; outlier channels (DINOv2's |x| ~ 90 in block 0) are cut hard.
-   * ``"envelope"`` (default): (min l, max u) over the group: at a fixed point no calibration
+   * ``"envelope"``: (min l, max u) over the group: at a fixed point no calibration
      channel is clipped by the group it is assigned to.
-   * ``"quantile"``: the (1 - q) quantile of l and the q quantile of u over the group.
+   * ``"quantile"`` (default, q = 0.99): the (1 - q) quantile of l and the q quantile of u over
+     the group.
 Why this order (measured on DINOv2-S block inputs, real photos, 8 bits, G=8; held-out SQNR dB,
 ``benchmarks/update_rules.py``): mean-only ranges clip most channels (blocks.0.attn.proj
 12.1 dB vs layer-wise 24.7); envelope of the k-means clusters without stage-2 re-assignment
@@ -35,6 +36,8 @@ from . import ops
 
 __all__ = [
     "UPDATE_RULES",
+    "DEFAULT_UPDATE",
+    "DEFAULT_QUANTILE",
     "ChannelRangeObserver",
     "RowMaxObserver",
     "kmeans_ranges",
@@ -43,6 +46,9 @@ __all__ = [
 ]
 
 UPDATE_RULES = ("envelope", "mean", "quantile")
+# Defaults chosen by benchmarks/update_rules.py on real DINOv2-S weights (see the module docstring).
+DEFAULT_UPDATE = "quantile"
+DEFAULT_QUANTILE = 0.99
 
 
 def _check_finite(t: torch.Tensor, site: str) -> None:
@@ -176,9 +182,9 @@ def fit_group_ranges(
     hi: torch.Tensor,
     num_groups: int,
     *,
-    update: str = "envelope",
+    update: str = DEFAULT_UPDATE,
     max_iter: int = 100,
-    quantile: float = 0.999,
+    quantile: float = DEFAULT_QUANTILE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit ``num_groups`` static ranges to observed (min, max) pairs (any matching shapes).
 
@@ -207,7 +213,7 @@ def fit_group_ranges(
 
 
 def fit_row_groups(
-    maxima: torch.Tensor, num_groups: int, *, update: str = "envelope", max_iter: int = 100, quantile: float = 0.999
+    maxima: torch.Tensor, num_groups: int, *, update: str = DEFAULT_UPDATE, max_iter: int = 100, quantile: float = DEFAULT_QUANTILE
 ) -> torch.Tensor:
     """Fit ``num_groups`` softmax row ranges [0, u_g] to observed row maxima; returns u_g [G].
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .calibration import UPDATE_RULES
+from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
 from .ops.quant import check_bits
 
 __all__ = ["IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION"]
@@ -61,8 +61,8 @@ class IGQConfig:
         quantize_attention: quantize Q, K, V and post-softmax attention in known attention
             modules (timm ViT/DeiT/DINOv2, Swin).
     Calibration
-        range_update: k-means centre update of group ranges, one of "envelope", "mean",
-            "quantile" (see igq_plugin.calibration).
+        range_update: range rule of the fitted groups, one of "envelope", "mean",
+            "quantile" (default; see igq_plugin.calibration).
         range_quantile: q of the "quantile" rule.
         kmeans_iters: iteration cap of the group fitting.
     Weights
@@ -86,8 +86,8 @@ class IGQConfig:
     quantize_attention: bool = True
     embed_bits: Optional[int] = 8
     head_bits: Optional[int] = 8
-    range_update: str = "quantile"
-    range_quantile: float = 0.99
+    range_update: str = DEFAULT_UPDATE
+    range_quantile: float = DEFAULT_QUANTILE
     kmeans_iters: int = 100
     weight_percentile: Optional[float] = None
     skip: tuple[str, ...] = ()

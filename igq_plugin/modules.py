@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .calibration import ChannelRangeObserver, RowMaxObserver, fit_group_ranges, fit_row_groups
+from .calibration import (
+    DEFAULT_QUANTILE,
+    DEFAULT_UPDATE,
+    ChannelRangeObserver,
+    RowMaxObserver,
+    fit_group_ranges,
+    fit_row_groups,
+)
 
 __all__ = ["ActQuantizer", "SoftmaxQuantizer", "QuantLinear", "QuantConv2d", "iter_quantizers"]
 
@@ -76,8 +83,8 @@ class ActQuantizer(_Quantizer):
         channels: Optional[int] = None,
         num_groups: int = 8,
         *,
-        update: str = "envelope",
-        quantile: float = 0.999,
+        update: str = DEFAULT_UPDATE,
+        quantile: float = DEFAULT_QUANTILE,
         kmeans_iters: int = 100,
         site: str = "",
     ) -> None:
@@ -149,7 +156,7 @@ class SoftmaxQuantizer(_Quantizer):
     _observer_cls = RowMaxObserver
 
     def __init__(
-        self, bits: int, num_groups: int = 1, *, update: str = "envelope", quantile: float = 0.999,
+        self, bits: int, num_groups: int = 1, *, update: str = DEFAULT_UPDATE, quantile: float = DEFAULT_QUANTILE,
         kmeans_iters: int = 100, site: str = "",
     ) -> None:
         super().__init__(bits, site)

@@ -22,6 +22,7 @@ from .groups import (
     softmax_group_quantize,
 )
 from .linear import int_grouped_linear
+from .metrics import cosine, sqnr_db
 from .quant import (
     MAX_BITS,
     MIN_BITS,
