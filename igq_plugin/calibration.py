@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_QUANTILE",
     "ChannelRangeObserver",
     "RowMaxObserver",
+    "ValueSampleObserver",
     "kmeans_ranges",
     "fit_group_ranges",
     "fit_row_groups",
@@ -84,6 +85,43 @@ class ChannelRangeObserver:
         if not self._lo:
             raise ValueError(f"site '{self.site}' observed no activations")
         return torch.cat(self._lo), torch.cat(self._hi)
+
+
+class ValueSampleObserver(ChannelRangeObserver):
+    """Per-instance channel ranges plus a bounded uniform sample of the activation values.
+
+    Used by layer-wise *percentile* ranges: the p-th percentile of the values seen is estimated
+    from at most ``samples_per_call`` values per forward (drawn with a fixed seed), so memory
+    stays bounded however much calibration data runs through.
+    """
+
+    def __init__(self, site: str = "", samples_per_call: int = 1 << 16, seed: int = 0) -> None:
+        super().__init__(site)
+        self.samples_per_call = samples_per_call
+        self._gen = torch.Generator().manual_seed(seed)
+        self._values: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        flat = x.detach().reshape(-1).float().cpu()
+        if flat.numel() > self.samples_per_call:
+            flat = flat[torch.randint(flat.numel(), (self.samples_per_call,), generator=self._gen)]
+        self._values.append(flat)
+
+    def percentile_range(self, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """((100 - p)-th, p-th) percentile of the sampled values, each of shape [1]."""
+        if not self._values:
+            raise ValueError(f"site '{self.site}' observed no activations")
+        values = torch.cat(self._values).double()
+        q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float64)
+        lo, hi = torch.quantile(values, q) if values.numel() <= 1 << 24 else _big_quantile(values, q)
+        return lo.float().reshape(1), hi.float().reshape(1)
+
+
+def _big_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    ordered = values.sort().values
+    index = (q * (ordered.numel() - 1)).round().long()
+    return ordered[index]
 
 
 class RowMaxObserver:

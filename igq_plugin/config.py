@@ -65,6 +65,10 @@ class IGQConfig:
             "quantile" (default; see igq_plugin.calibration).
         range_quantile: q of the "quantile" rule.
         kmeans_iters: iteration cap of the group fitting.
+        act_percentile: for sites whose scheme is "layer" (block Linear inputs under
+            act_scheme="layer", Q/K/V operands under matmul_scheme="layer"): clip at the
+            (100-p)-th / p-th percentile of the calibration values (e.g. 99.99) instead of
+            min / max. None (default): min-max. Not used by "channel" / "igq" sites.
     Weights
         weight_percentile: clipping eps in percent per output channel (None: 5e-2 at <= 4 bits,
             1e-3 at 5-6 bits, 0 = min-max at 7-8 bits).
@@ -89,6 +93,7 @@ class IGQConfig:
     range_update: str = DEFAULT_UPDATE
     range_quantile: float = DEFAULT_QUANTILE
     kmeans_iters: int = 100
+    act_percentile: Optional[float] = None
     weight_percentile: Optional[float] = None
     skip: tuple[str, ...] = ()
     embed_patterns: tuple[str, ...] = ("*patch_embed*",)
@@ -114,6 +119,11 @@ class IGQConfig:
         if not isinstance(self.range_quantile, (int, float)) or not 0.5 < self.range_quantile <= 1.0:
             raise ValueError(f"range_quantile must be a float in (0.5, 1], got {self.range_quantile!r}")
         _check_int(self.kmeans_iters, "kmeans_iters", 1)
+        if self.act_percentile is not None:
+            if isinstance(self.act_percentile, bool) or not isinstance(self.act_percentile, (int, float)):
+                raise TypeError(f"act_percentile must be a float in (50, 100] percent or None, got {self.act_percentile!r}")
+            if not 50.0 < self.act_percentile <= 100.0:
+                raise ValueError(f"act_percentile must be in (50, 100] percent (e.g. 99.99), got {self.act_percentile}")
         if self.weight_percentile is not None:
             if isinstance(self.weight_percentile, bool) or not isinstance(self.weight_percentile, (int, float)):
                 raise TypeError(f"weight_percentile must be a float in [0, 50) percent, got {self.weight_percentile!r}")

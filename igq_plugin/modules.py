@@ -23,6 +23,7 @@ from .calibration import (
     DEFAULT_UPDATE,
     ChannelRangeObserver,
     RowMaxObserver,
+    ValueSampleObserver,
     fit_group_ranges,
     fit_row_groups,
 )
@@ -70,7 +71,9 @@ class _Quantizer(nn.Module):
 class ActQuantizer(_Quantizer):
     """Static activation quantizer of one site (channels last).
 
-    scheme "layer": one asymmetric range [lo, hi] for the whole tensor (buffers of shape [1]).
+    scheme "layer": one asymmetric range [lo, hi] for the whole tensor (buffers of shape [1]):
+        the min and max over calibration, or with ``percentile=p`` the (100-p)-th and p-th
+        percentiles of the calibration values (e.g. 99.99).
     scheme "channel": a static range per channel (buffers [C]).
     scheme "igq": G static group ranges (buffers [G]); every instance assigns each channel to
         the nearest group (paper Eq. 5) and is quantized with that group's range.
@@ -86,11 +89,18 @@ class ActQuantizer(_Quantizer):
         update: str = DEFAULT_UPDATE,
         quantile: float = DEFAULT_QUANTILE,
         kmeans_iters: int = 100,
+        percentile: Optional[float] = None,
         site: str = "",
     ) -> None:
         super().__init__(bits, site)
         if scheme not in ("layer", "channel", "igq"):
             raise ValueError(f"scheme must be 'layer', 'channel' or 'igq', got {scheme!r}")
+        if percentile is not None and (scheme != "layer" or not 50.0 < percentile <= 100.0):
+            raise ValueError(
+                f"percentile ranges need scheme 'layer' and 50 < percentile <= 100; got scheme {scheme!r}, "
+                f"percentile {percentile!r} at site '{site}'"
+            )
+        self.percentile = percentile
         if scheme != "layer" and channels is None:
             raise ValueError(f"scheme {scheme!r} needs the channel count of site '{site}'")
         self.scheme = scheme
@@ -116,10 +126,15 @@ class ActQuantizer(_Quantizer):
     def num_groups(self) -> int:
         return self.lo.numel() if self.scheme == "igq" else 1
 
+    def start_observer(self) -> None:
+        self.observer = (ValueSampleObserver if self.percentile is not None else ChannelRangeObserver)(self.site)
+
     def fit(self) -> None:
         """Compute static ranges from the observer and stop observing."""
         lo, hi = self.observer.ranges()  # [instances, C]
-        if self.scheme == "layer":
+        if self.scheme == "layer" and self.percentile is not None:
+            new_lo, new_hi = self.observer.percentile_range(self.percentile)
+        elif self.scheme == "layer":
             new_lo, new_hi = lo.min().reshape(1), hi.max().reshape(1)
         elif self.scheme == "channel":
             new_lo, new_hi = lo.amin(0), hi.amax(0)

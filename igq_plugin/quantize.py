@@ -39,10 +39,15 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     setattr(parent, attr, child)
 
 
-def _act_quantizer(cfg: IGQConfig, bits: int, scheme: str, channels: Optional[int], groups: int, site: str) -> ActQuantizer:
+def _act_quantizer(
+    cfg: IGQConfig, bits: int, scheme: str, channels: Optional[int], groups: int, site: str, *, block_site: bool = True
+) -> ActQuantizer:
+    """Activation quantizer of a site; ``act_percentile`` applies to layer-wise sites inside the blocks."""
+    percentile = cfg.act_percentile if block_site and scheme == "layer" else None
     return ActQuantizer(
         bits, scheme, channels, groups,
-        update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters, site=site,
+        update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
+        percentile=percentile, site=site,
     )
 
 
@@ -84,6 +89,7 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
             left_float.append(name)
             continue
         site = f"{name}.input_quantizer"
+        block_site = False
         if _matches(name, cfg.embed_patterns):
             w_bits = bits = cfg.embed_bits
             scheme, groups = "layer", 1
@@ -95,17 +101,17 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
             continue
         else:
             w_bits, bits = cfg.weight_bits, cfg.act_bits
-            scheme, groups = cfg.act_scheme, cfg.num_groups
+            scheme, groups, block_site = cfg.act_scheme, cfg.num_groups, True
         if bits is None:
             left_float.append(name)
             continue
         if isinstance(module, nn.Linear):
-            quantizer = _act_quantizer(cfg, bits, scheme, module.in_features, groups, site)
+            quantizer = _act_quantizer(cfg, bits, scheme, module.in_features, groups, site, block_site=block_site)
             new = QuantLinear.from_float(
                 module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits), input_quantizer=quantizer
             )
         else:
-            quantizer = _act_quantizer(cfg, bits, "layer", None, 1, site)
+            quantizer = _act_quantizer(cfg, bits, "layer", None, 1, site, block_site=False)
             new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits), input_quantizer=quantizer)
         _set_child(model, name, new)
     return left_float
