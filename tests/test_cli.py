@@ -37,3 +37,20 @@ def test_quantize_command_saves_loadable_model(tmp_path, capsys):
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     loaded = igq.load(out, model)
     assert loaded(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_demo_command_rejects_weights_without_model(capsys):
+    assert main(["demo", "--weights", "w.pth"]) == 2
+    assert "--weights needs --model" in capsys.readouterr().err
+
+
+def test_demo_runs_on_real_weights_small(capsys, tmp_path):
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--num-train", "60", "--num-test", "20", "--num-calib", "8", "-q", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Layer-wise W4A4" in text and "IGQ G=8 W4A4" in text and "probe top-1" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["FP32", "Layer-wise W4A4", "IGQ G=8 W4A4"]
+    assert rows[0]["top1"] > 40 and all(0 <= r["top1"] <= 100 for r in rows)
+    assert rows[2]["cosine"] > rows[1]["cosine"]

@@ -37,3 +37,30 @@ def test_igq_beats_layerwise_on_real_weights():
     # benchmarks/update_rules.py (8 held-out views): W6A6 layer 0.86 / IGQ 0.92; W4A4 layer 0.19 / IGQ 0.37
     assert cos["igq", 6] > cos["layer", 6] + 0.02, cos
     assert cos["igq", 4] > cos["layer", 4] + 0.05, cos
+
+
+def test_hf_dinov2_matches_timm_conversion():
+    from igq_plugin.zoo import load_dinov2_small_hf
+
+    x = load_images(calibration_photos(2))
+    with torch.no_grad():
+        ref = load_dinov2_small().forward_features(x)
+        out = load_dinov2_small_hf().eval()(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_igq_beats_layerwise_at_w4a4_small():
+    """CI-sized version of benchmarks/accuracy.py: Fashion-MNIST probe on real DINOv2-S features."""
+    from igq_plugin.tasks import ProbeTask
+
+    model = load_dinov2_small()
+    task = ProbeTask(model, num_train=300, num_test=200, progress=False)
+    assert task.fp_top1 > 65  # FP probe on 300 training images (~75%)
+    calib = list(load_images(calibration_photos(32)).split(8))
+    res = {}
+    for scheme in ("layer", "igq"):
+        cfg = igq.IGQConfig(weight_bits=4, act_bits=4, act_scheme=scheme, num_groups=8)
+        with torch.no_grad():
+            res[scheme] = task.evaluate(igq.quantize(model, cfg, calib, progress=False))
+    assert res["igq"]["top1"] > res["layer"]["top1"], res
+    assert res["igq"]["cosine"] > res["layer"]["cosine"] + 0.1, res

