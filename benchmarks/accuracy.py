@@ -135,17 +135,31 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"cells": {}}
 
 
-def run(args) -> dict:
-    path = args.out / "accuracy.json"
-    results = {"cells": {}} if args.fresh else load_results(path)
+def save_cell(path: Path, key: str, cell: dict) -> dict:
+    """Merge one cell into the JSON on disk (re-read first: several runs may share the file)."""
+    results = load_results(path)
+    results["cells"][key] = cell
     results["machine"] = machine_info()
     results["protocol"] = __doc__
-    cells = results["cells"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    return results
+
+
+def run(args) -> dict:
+    path = args.out / "accuracy.json"
+    if args.fresh and path.is_file():  # drop this run's models' cells, keep the others
+        results = load_results(path)
+        results["cells"] = {k: c for k, c in results["cells"].items() if c["model"] not in args.models}
+        path.write_text(json.dumps(results, indent=1))
+    cells = load_results(path)["cells"]
     for name in args.models:
         torch.manual_seed(0)
         model, task, calib = build_model(name, args)
-        cells[f"{name}|FP32|-"] = {"model": name, "method": "FP32", "bits": "-", "top1": task.fp_top1,
-                                   "cosine": 1.0, "sqnr_db": float("inf")}
+        save_cell(path, f"{name}|FP32|-", {"model": name, "method": "FP32", "bits": "-", "top1": task.fp_top1,
+                                           "cosine": 1.0, "sqnr_db": float("inf")})
         # methods outer, bits inner, in priority order: a run cut short still has whole rows
         for method, fields in methods(args.groups).items():
             if not any(method.startswith(METHOD_PREFIXES[m]) for m in args.methods):
@@ -166,14 +180,11 @@ def run(args) -> dict:
                 metrics = task.evaluate(qmodel, desc=f"{name} {method} W{bits}A{bits}")
                 sites = {} if fields is None else site_report(qmodel, task.site_inputs())
                 worst = sorted(sites.items(), key=lambda kv: kv[1])[:5]
-                cells[key] = {"model": name, "method": method, "bits": f"W{bits}A{bits}", **metrics,
-                              "calibrate_s": round(calib_s, 1), "worst_sites": worst, "site_sqnr_db": sites}
+                save_cell(path, key, {"model": name, "method": method, "bits": f"W{bits}A{bits}", **metrics,
+                                      "calibrate_s": round(calib_s, 1), "worst_sites": worst, "site_sqnr_db": sites})
                 print(f"{key}: top1 {metrics['top1']:.2f} cos {metrics['cosine']:.4f} "
                       f"worst {[(s, round(v, 1)) for s, v in worst[:3]]}", flush=True)
-                args.out.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(results, indent=1))
-    path.write_text(json.dumps(results, indent=1))
-    return results
+    return load_results(path)
 
 
 MODEL_TITLES = {
