@@ -43,21 +43,23 @@ from common import machine_info
 RESULTS = Path(__file__).parent / "results"
 
 
-def methods(groups: list[int]) -> dict[str, dict]:
-    """Row name -> IGQConfig fields (None: the NNCF row)."""
-    rows = {"Layer-wise min-max": {"act_scheme": "layer"}}
+def methods(groups: list[int], alloc_groups: list[int]) -> dict[str, tuple[str, dict | None]]:
+    """Row name -> (--methods category, IGQConfig fields; None: the NNCF row), in priority order."""
+    rows = {"Layer-wise min-max": ("layer", {"act_scheme": "layer"})}
     ordered = sorted(groups, key=lambda g: (g != 8, g))  # G=8 (the paper's default) first
-    rows[f"IGQ G={ordered[0]}"] = {"act_scheme": "igq", "num_groups": ordered[0]}
-    rows["Layer-wise percentile 99.99"] = {"act_scheme": "layer", "act_percentile": 99.99}
-    rows["Static per-channel (reference)"] = {"act_scheme": "channel"}
-    rows["NNCF nncf.quantize INT8"] = None
+    rows[f"IGQ G={ordered[0]}"] = ("igq", {"act_scheme": "igq", "num_groups": ordered[0]})
+    rows["Layer-wise percentile 99.99"] = ("percentile", {"act_scheme": "layer", "act_percentile": 99.99})
+    rows["Static per-channel (reference)"] = ("channel", {"act_scheme": "channel"})
+    rows["NNCF nncf.quantize INT8"] = ("nncf", None)
     for g in ordered[1:]:
-        rows[f"IGQ G={g}"] = {"act_scheme": "igq", "num_groups": g}
+        rows[f"IGQ G={g}"] = ("igq", {"act_scheme": "igq", "num_groups": g})
+    for g in alloc_groups:  # budget = BOPs of uniform G=g (IGQConfig.bop_budget=None)
+        rows[f"IGQ + allocation, BOPs of G={g}"] = ("alloc", {"act_scheme": "igq", "num_groups": g,
+                                                              "group_allocation": "bop"})
     return rows
 
 
-METHOD_PREFIXES = {"layer": "Layer-wise min-max", "percentile": "Layer-wise percentile", "channel": "Static per-channel",
-                   "nncf": "NNCF", "igq": "IGQ"}
+METHOD_CATEGORIES = ("layer", "percentile", "channel", "nncf", "igq", "alloc")
 
 
 def nncf_quantize(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
@@ -127,6 +129,16 @@ def save_cell(path: Path, key: str, cell: dict) -> dict:
     return results
 
 
+def quantize_with_allocation(model, cfg, calib, task) -> tuple[torch.nn.Module, dict]:
+    """IGQ with BOP-budgeted group allocation, sensitivities through the task's head (the DINOv2 probe)."""
+    prepared = igq.prepare(model, cfg)
+    igq.calibrate(prepared, calib, progress=False)
+    t0 = time.perf_counter()
+    result = igq.allocation.allocate(prepared, calib, cfg, progress=True, **task.allocation_kwargs())
+    alloc_s = time.perf_counter() - t0
+    return igq.convert(prepared, progress=False), {"allocate_s": round(alloc_s, 1), "allocation": result.to_dict()}
+
+
 def run(args) -> dict:
     path = args.out / "accuracy.json"
     if args.fresh and path.is_file():  # drop this run's models' cells, keep the others
@@ -140,8 +152,8 @@ def run(args) -> dict:
         save_cell(path, f"{name}|FP32|-", {"model": name, "method": "FP32", "bits": "-", "top1": task.fp_top1,
                                            "cosine": 1.0, "sqnr_db": float("inf")})
         # methods outer, bits inner, in priority order: a run cut short still has whole rows
-        for method, fields in methods(args.groups).items():
-            if not any(method.startswith(METHOD_PREFIXES[m]) for m in args.methods):
+        for method, (category, fields) in methods(args.groups, args.alloc_groups).items():
+            if category not in args.methods:
                 continue
             for bits in args.bits:
                 key = f"{name}|{method}|W{bits}A{bits}"
@@ -150,8 +162,12 @@ def run(args) -> dict:
                 if fields is None and bits != 8:
                     continue  # NNCF's PTQ is INT8 only
                 t0 = time.perf_counter()
+                extra = {}
                 if fields is None:
                     qmodel = nncf_quantize(model, calib)
+                elif fields.get("group_allocation"):
+                    qmodel, extra = quantize_with_allocation(model, igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields),
+                                                             calib, task)
                 else:
                     cfg = igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields)
                     qmodel = igq.quantize(model, cfg, calib, progress=False)
@@ -159,8 +175,10 @@ def run(args) -> dict:
                 metrics = task.evaluate(qmodel, desc=f"{name} {method} W{bits}A{bits}")
                 sites = {} if fields is None else site_report(qmodel, task.site_inputs())
                 worst = SiteSQNR.worst(sites, 5)
+                bops = {} if fields is None else {"gbops": igq.report(qmodel).total_bops / 1e9}
                 save_cell(path, key, {"model": name, "method": method, "bits": f"W{bits}A{bits}", **metrics,
-                                      "calibrate_s": round(calib_s, 1), "worst_sites": worst, "site_sqnr_db": sites})
+                                      "calibrate_s": round(calib_s, 1), **bops, **extra, "worst_sites": worst,
+                                      "site_sqnr_db": sites})
                 print(f"{key}: top1 {metrics['top1']:.2f} cos {metrics['cosine']:.4f} "
                       f"worst {[(s, round(v, 1)) for s, v in worst[:3]]}", flush=True)
     return load_results(path)
@@ -213,6 +231,18 @@ def write_markdown(results: dict, out: Path) -> None:
                 if c["method"] == "IGQ G=8":
                     lines.append(f"- {c['bits']}: " + ", ".join(f"{s} {v:.1f}" for s, v in c["worst_sites"]))
             lines.append("")
+        alloc = [c for c in cells.values() if c["model"] == model and c.get("allocation")]
+        if alloc:
+            lines += ["Group allocation (IGQConfig(group_allocation='bop'); budget = BOPs of uniform G):", "",
+                      "| Row | Bits | Top-1 | GBOPs | budget GBOPs (= uniform G) | uniform-G top-1 | allocate (s) |",
+                      "|---|---|---|---|---|---|---|"]
+            for c in sorted(alloc, key=lambda c: (c["method"], c["bits"])):
+                g = c["method"].split("G=")[1]
+                uniform = cells.get(f"{model}|IGQ G={g}|{c['bits']}")
+                ref = f"{uniform['top1']:.2f}" if uniform else "—"
+                lines.append(f"| {c['method']} | {c['bits']} | {c['top1']:.2f} | {c['gbops']:.3f} | "
+                             f"{c['allocation']['budget_bops'] / 1e9:.3f} | {ref} | {c['allocate_s']:.0f} |")
+            lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
 
 
@@ -241,6 +271,37 @@ def plot(results: dict, out: Path) -> None:
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_allocation(results: dict, out: Path) -> None:
+    """Chosen group count per site of every allocation cell (one panel per model and bits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in results["cells"].values() if c.get("allocation")]
+    if not cells:
+        return
+    panels = sorted({(c["model"], c["bits"]) for c in cells})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
+    for ax, (model, bits) in zip(axes[:, 0], panels):
+        rows = sorted((c for c in cells if c["model"] == model and c["bits"] == bits), key=lambda c: c["method"])
+        for i, c in enumerate(rows):
+            sites = c["allocation"]["sites"]
+            width = 0.8 / len(rows)
+            ax.bar([j + i * width for j in range(len(sites))], [s["groups"] for s in sites], width=width,
+                   label=c["method"])
+        names = [s["site"] for s in rows[0]["allocation"]["sites"]]
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_ylabel("groups")
+        ax.set_title(f"{model} {bits}: groups chosen per site under the BOP budget", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "allocation_groups.png", dpi=120)
     plt.close(fig)
 
 
@@ -287,7 +348,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["dinov2", "fmnist-vit"], choices=["dinov2", "fmnist-vit"])
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
     ap.add_argument("--groups", nargs="+", type=int, default=[4, 8, 12, 16])
-    ap.add_argument("--methods", nargs="+", default=list(METHOD_PREFIXES), choices=list(METHOD_PREFIXES))
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_CATEGORIES), choices=METHOD_CATEGORIES)
+    ap.add_argument("--alloc-groups", nargs="+", type=int, default=[8, 12],
+                    help="rows 'IGQ + allocation' at the BOPs of uniform G=g (default 8 12)")
     ap.add_argument("--num-train", type=int, default=2000)
     ap.add_argument("--num-test", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -306,6 +369,7 @@ def main() -> None:
     results = load_results(args.out / "accuracy.json") if args.plots_only else run(args)
     write_markdown(results, args.out)
     plot(results, args.out)
+    plot_allocation(results, args.out)
     if "dinov2" in args.models and args.imagenet is None:
         plot_groups(args.out)
     print((args.out / "accuracy.md").read_text())

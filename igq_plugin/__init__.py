@@ -6,11 +6,20 @@
 Importing this package imports torch (and numpy/scipy on demand) only; framework adapters live
 in ``igq_plugin.integrations.<name>`` and import their framework lazily.
 """
-from . import ops
+from . import allocation, ops
+from .allocation import report
 from .attention import QuantAttention, register_attention_adapter
 from .calibration import fit_group_ranges, fit_row_groups
 from .config import IGQConfig
-from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
+from .modules import (
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    SoftmaxQuantizer,
+    disable_fake_quant,
+    enable_fake_quant,
+    iter_quantizers,
+)
 from .quantize import calibrate, convert, prepare, quantize
 from .serialization import load, save
 
@@ -24,7 +33,9 @@ __all__ = [
     "convert",
     "save",
     "load",
+    "report",
     "ops",
+    "allocation",
     "ActQuantizer",
     "SoftmaxQuantizer",
     "QuantLinear",
@@ -32,6 +43,8 @@ __all__ = [
     "QuantAttention",
     "register_attention_adapter",
     "iter_quantizers",
+    "enable_fake_quant",
+    "disable_fake_quant",
     "fit_group_ranges",
     "fit_row_groups",
     "__version__",

@@ -3,6 +3,8 @@
     igq demo                                              DINOv2-S W4A4: IGQ vs layer-wise, probe accuracy
     igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
     igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
+    igq quantize ... --group-allocation bop              groups per site chosen under a BOP budget
+    igq report q.pt --model deit_tiny_patch16_224        per-site bits, groups, MACs, BOPs of a saved model
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ACT_SCHEMES, IGQConfig
+from .config import ACT_SCHEMES, SENSITIVITY_METRICS, IGQConfig
 
 logger = logging.getLogger("igq_plugin")
 
@@ -30,6 +32,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", choices=ACT_SCHEMES, help="activation scheme (default igq)")
     g.add_argument("--softmax-groups", type=int, help="post-softmax row groups (default: --groups under igq)")
     g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
+    g.add_argument("--group-allocation", choices=["bop"], help="choose groups per site under a BOP budget (Eq. 9-10)")
+    g.add_argument("--bop-budget", type=float, help="BOP budget: fraction of FP32 in (0, 1] or BOPs (default: uniform --groups)")
+    g.add_argument("--alloc-candidates", type=int, nargs="+", metavar="G", help="group counts tried (default 1 2 4 8 12 16)")
+    g.add_argument("--sensitivity-metric", choices=SENSITIVITY_METRICS, help="allocation sensitivity (default kl)")
 
 
 def _config_from_args(args: argparse.Namespace) -> IGQConfig:
@@ -38,6 +44,9 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
         "weight_bits": args.w_bits, "act_bits": args.a_bits, "num_groups": args.groups,
         "act_scheme": args.scheme, "softmax_groups": args.softmax_groups,
         "skip": tuple(args.skip) if args.skip else None,
+        "group_allocation": args.group_allocation, "bop_budget": args.bop_budget,
+        "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,
+        "sensitivity_metric": args.sensitivity_metric,
     }
     return base.replace(**{k: v for k, v in changes.items() if v is not None})
 
@@ -60,7 +69,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     timm = _require_timm()
-    from . import quantize, save
+    from . import quantize, report, save
     from .zoo import load_timm_model
 
     cfg = _config_from_args(args)
@@ -82,9 +91,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         ref, out = model(x), qmodel(x)
         cos = torch.nn.functional.cosine_similarity(ref.flatten(1), out.flatten(1), dim=1).mean().item()
     print(json.dumps({"model": args.model, "config": cfg.to_dict(), "output_cosine_vs_fp": round(cos, 6)}, indent=2))
+    print(report(qmodel).table())
     if args.out:
         save(qmodel, args.out)
         print(f"saved quantized model to {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    _require_timm()
+    from . import load, report
+    from .zoo import load_timm_model
+
+    model = load_timm_model(args.model, None, num_classes=args.num_classes)
+    qmodel = load(args.checkpoint, model)
+    rep = report(qmodel)
+    print(json.dumps(rep.to_dict(), indent=1) if args.json else rep.table())
     return 0
 
 
@@ -145,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_args(p)
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("report", help="per-site bits, groups, MACs and BOPs of a model saved by igq quantize")
+    p.add_argument("checkpoint", type=Path, help="file written by igq quantize --out / igq.save")
+    p.add_argument("--model", required=True, help="timm model name the checkpoint was quantized from")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs of the model (default 1000)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

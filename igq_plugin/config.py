@@ -9,10 +9,13 @@ from typing import Any, Optional
 from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
 from .ops.quant import check_bits
 
-__all__ = ["IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION"]
+__all__ = ["IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION", "CONFIG_ATTR", "GROUP_ALLOCATIONS", "SENSITIVITY_METRICS"]
 
 ACT_SCHEMES = ("layer", "channel", "igq")
+GROUP_ALLOCATIONS = (None, "bop")
+SENSITIVITY_METRICS = ("kl", "mse")
 CONFIG_VERSION = 1
+CONFIG_ATTR = "igq_config"  # attribute of a prepared / quantized model holding its IGQConfig
 
 
 def _check_int(value: Any, name: str, minimum: int) -> None:
@@ -76,8 +79,17 @@ class IGQConfig:
         skip: module-name glob patterns left in full precision.
         embed_patterns, head_patterns: glob patterns that identify the patch embedding and
             the classifier head.
-    Allocation
-        group_allocation: None (uniform num_groups). Budgeted allocation is planned.
+    Allocation (paper Eq. 9-10; igq_plugin.allocation)
+        group_allocation: None (uniform num_groups) or "bop": choose each IGQ site's group count
+            among ``allocation_candidates`` minimizing the summed sensitivity psi under a BOP
+            budget (exact multiple-choice knapsack). Sites: Linear inputs, and post-softmax rows
+            unless softmax_groups is set.
+        bop_budget: None (default): the BOPs of the model with uniform num_groups; a number in
+            (0, 1]: that fraction of the FP32 model's BOPs; a number > 1: absolute BOPs per instance.
+        allocation_candidates: group counts tried per site (default 1, 2, 4, 8, 12, 16).
+        sensitivity_metric: "kl" (default; KL of softmax outputs: classifiers, or a backbone
+            through a task head passed to igq.quantize(head=...)) or "mse" (relative squared
+            error of the outputs: a feature distance for backbones).
     """
 
     weight_bits: int = 4
@@ -99,6 +111,9 @@ class IGQConfig:
     embed_patterns: tuple[str, ...] = ("*patch_embed*",)
     head_patterns: tuple[str, ...] = ("head", "head.*", "classifier", "classifier.*")
     group_allocation: Optional[str] = None
+    bop_budget: Optional[float] = None
+    allocation_candidates: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
+    sensitivity_metric: str = "kl"
     version: int = field(default=CONFIG_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,10 +147,19 @@ class IGQConfig:
         self.skip = _as_patterns(self.skip, "skip")
         self.embed_patterns = _as_patterns(self.embed_patterns, "embed_patterns")
         self.head_patterns = _as_patterns(self.head_patterns, "head_patterns")
-        if self.group_allocation is not None:
-            raise ValueError(
-                f"group_allocation must be None (uniform num_groups) in this version, got {self.group_allocation!r}"
-            )
+        _check_choice(self.group_allocation, "group_allocation", GROUP_ALLOCATIONS)
+        if self.bop_budget is not None:
+            if isinstance(self.bop_budget, bool) or not isinstance(self.bop_budget, (int, float)) or not self.bop_budget > 0:
+                raise ValueError(
+                    f"bop_budget must be None (BOPs of uniform num_groups), a fraction in (0, 1] of the FP32 BOPs or "
+                    f"a BOP count > 1; got {self.bop_budget!r}"
+                )
+        if isinstance(self.allocation_candidates, int) or not self.allocation_candidates:
+            raise ValueError(f"allocation_candidates must be a non-empty sequence of group counts, got {self.allocation_candidates!r}")
+        self.allocation_candidates = tuple(self.allocation_candidates)
+        for g in self.allocation_candidates:
+            _check_int(g, "allocation_candidates entries", 1)
+        _check_choice(self.sensitivity_metric, "sensitivity_metric", SENSITIVITY_METRICS)
         if self.version != CONFIG_VERSION:
             raise ValueError(f"IGQConfig version {self.version} is not supported (this igq_plugin writes {CONFIG_VERSION})")
 
@@ -153,7 +177,7 @@ class IGQConfig:
     # Serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("skip", "embed_patterns", "head_patterns"):
+        for key in ("skip", "embed_patterns", "head_patterns", "allocation_candidates"):
             d[key] = list(d[key])
         d["type"] = type(self).__name__
         return d

@@ -102,10 +102,14 @@ class LinearProbe:
         return self
 
     @torch.no_grad()
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits [N, K] (float64) of features [N, D]: the probe as a task head."""
         if self.linear is None:
-            raise RuntimeError("LinearProbe.predict before fit")
-        return self.linear((features.double() - self.mean) / self.std).argmax(1)
+            raise RuntimeError("LinearProbe used before fit")
+        return self.linear((features.double() - self.mean) / self.std)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits(features).argmax(1)
 
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """Top-1 accuracy in percent."""

@@ -10,6 +10,7 @@ fake-quantizes). Calling an uncalibrated quantizer that is not observing is an e
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -28,7 +29,16 @@ from .calibration import (
     fit_row_groups,
 )
 
-__all__ = ["ActQuantizer", "SoftmaxQuantizer", "QuantLinear", "QuantConv2d", "iter_quantizers"]
+__all__ = [
+    "ActQuantizer",
+    "SoftmaxQuantizer",
+    "QuantLinear",
+    "QuantConv2d",
+    "iter_quantizers",
+    "enable_fake_quant",
+    "disable_fake_quant",
+    "fake_quant_disabled",
+]
 
 logger = logging.getLogger("igq_plugin")
 
@@ -43,6 +53,7 @@ class _Quantizer(nn.Module):
         self.bits = ops.check_bits(bits, "bits")
         self.site = site
         self.observer = None
+        self.fake_quant_enabled = True  # False: forward passes its input through (no observing, no quantizing)
         self.register_buffer("calibrated", torch.tensor(False))
 
     @property
@@ -104,6 +115,7 @@ class ActQuantizer(_Quantizer):
         if scheme != "layer" and channels is None:
             raise ValueError(f"scheme {scheme!r} needs the channel count of site '{site}'")
         self.scheme = scheme
+        self.channels = channels
         self.update = update
         self.quantile = quantile
         self.kmeans_iters = kmeans_iters
@@ -129,28 +141,55 @@ class ActQuantizer(_Quantizer):
     def start_observer(self) -> None:
         self.observer = (ValueSampleObserver if self.percentile is not None else ChannelRangeObserver)(self.site)
 
-    def fit(self) -> None:
-        """Compute static ranges from the observer and stop observing."""
+    @property
+    def max_groups(self) -> int:
+        """The most groups this site can use (its channel count; unbounded when unknown)."""
+        return self.channels if self.channels is not None else 1 << 30
+
+    def set_num_groups(self, num_groups: int) -> None:
+        """Resize an "igq" quantizer to ``num_groups`` groups (ranges are refitted by :meth:`fit`)."""
+        if self.scheme != "igq":
+            raise ValueError(f"site '{self.site}' uses scheme {self.scheme!r}; only 'igq' sites have a group count")
+        if not 1 <= num_groups <= self.max_groups:
+            raise ValueError(f"site '{self.site}': num_groups must be in [1, {self.max_groups}], got {num_groups}")
+        self.lo = torch.zeros(num_groups, device=self.lo.device)
+        self.hi = torch.zeros(num_groups, device=self.hi.device)
+        self.calibrated.fill_(False)
+
+    def fit_ranges(self, num_groups: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static (lo, hi) ranges from the observer, without changing the quantizer.
+
+        ``num_groups`` (scheme "igq" only): fit this many groups instead of the current count.
+        """
+        if self.observer is None:
+            raise RuntimeError(f"quantizer at site '{self.site}' has no observer: call start_observer() and run data")
         lo, hi = self.observer.ranges()  # [instances, C]
         if self.scheme == "layer" and self.percentile is not None:
-            new_lo, new_hi = self.observer.percentile_range(self.percentile)
-        elif self.scheme == "layer":
-            new_lo, new_hi = lo.min().reshape(1), hi.max().reshape(1)
-        elif self.scheme == "channel":
-            new_lo, new_hi = lo.amin(0), hi.amax(0)
-        else:
-            new_lo, new_hi = fit_group_ranges(
-                lo, hi, self.lo.numel(), update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile
-            )
-        self.lo.copy_(new_lo)
-        self.hi.copy_(new_hi)
+            return self.observer.percentile_range(self.percentile)
+        if self.scheme == "layer":
+            return lo.min().reshape(1), hi.max().reshape(1)
+        if self.scheme == "channel":
+            return lo.amin(0), hi.amax(0)
+        groups = self.lo.numel() if num_groups is None else num_groups
+        return fit_group_ranges(lo, hi, groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
+
+    def load_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set static ranges (resizing the buffers to match) and mark the quantizer calibrated."""
+        self.lo = lo.detach().to(self.lo.device, self.lo.dtype).clone()
+        self.hi = hi.detach().to(self.hi.device, self.hi.dtype).clone()
         self.calibrated.fill_(True)
+
+    def fit(self) -> None:
+        """Compute static ranges from the observer and stop observing."""
+        self.load_ranges(*self.fit_ranges())
         self.observer = None
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.asym_qparams(self.lo, self.hi, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return x
         if self.observer is not None:
             self.observer.observe(x)
             return x
@@ -184,18 +223,36 @@ class SoftmaxQuantizer(_Quantizer):
     def num_groups(self) -> int:
         return self.hi.numel()
 
-    def fit(self) -> None:
+    max_groups = 1 << 30  # rows per instance bound it; the fitting clamps to the rows it saw
+
+    def set_num_groups(self, num_groups: int) -> None:
+        """Resize to ``num_groups`` row groups (ranges are refitted by :meth:`fit`)."""
+        if not 1 <= num_groups:
+            raise ValueError(f"site '{self.site}': num_groups must be >= 1, got {num_groups}")
+        self.hi = torch.ones(num_groups, device=self.hi.device)
+        self.calibrated.fill_(False)
+
+    def fit_ranges(self, num_groups: Optional[int] = None) -> torch.Tensor:
+        """Static group maxima u_g from the observer (``num_groups`` overrides the count), quantizer unchanged."""
+        if self.observer is None:
+            raise RuntimeError(f"quantizer at site '{self.site}' has no observer: call start_observer() and run data")
         u = self.observer.maxima()
-        if self.num_groups == 1:
-            self.hi.copy_(u.max().reshape(1))
-        else:
-            self.hi.copy_(
-                fit_row_groups(u, self.num_groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
-            )
+        groups = self.num_groups if num_groups is None else num_groups
+        if groups == 1:
+            return u.max().reshape(1)
+        return fit_row_groups(u, groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
+
+    def load_ranges(self, hi: torch.Tensor) -> None:
+        self.hi = hi.detach().to(self.hi.device, self.hi.dtype).clone()
         self.calibrated.fill_(True)
+
+    def fit(self) -> None:
+        self.load_ranges(self.fit_ranges())
         self.observer = None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled:
+            return a
         if self.observer is not None:
             self.observer.observe(a)
             return a
@@ -215,6 +272,7 @@ class _QuantWeightMixin:
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("weight_zero_point", torch.zeros(out_channels))
         self.register_buffer("weight_calibrated", torch.tensor(False))
+        self.weight_fake_quant_enabled = True
 
     def calibrate_weight(self) -> None:
         """Set the weight quantizer from the current weights (percentile clipping)."""
@@ -225,7 +283,7 @@ class _QuantWeightMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated)."""
-        if not bool(self.weight_calibrated):
+        if not (self.weight_fake_quant_enabled and bool(self.weight_calibrated)):
             return self.weight
         return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
 
@@ -307,3 +365,42 @@ def iter_quantizers(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, _Quantizer):
             yield name, module
+
+
+def _set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, _Quantizer):
+            module.fake_quant_enabled = enabled
+        elif isinstance(module, _QuantWeightMixin):
+            module.weight_fake_quant_enabled = enabled
+
+
+def disable_fake_quant(model: nn.Module) -> None:
+    """Make every quantizer and quantized weight of ``model`` pass values through unchanged (float outputs).
+
+    Observers stop recording too; :func:`enable_fake_quant` restores normal operation. Like
+    ``torch.ao.quantization.disable_fake_quant``, but for igq_plugin modules.
+    """
+    _set_fake_quant(model, False)
+
+
+def enable_fake_quant(model: nn.Module) -> None:
+    """Undo :func:`disable_fake_quant`."""
+    _set_fake_quant(model, True)
+
+
+@contextlib.contextmanager
+def fake_quant_disabled(model: nn.Module):
+    """Run the block with every quantizer of ``model`` passing values through; restores each one's flag."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, _Quantizer):
+            saved.append((module, "fake_quant_enabled", module.fake_quant_enabled))
+        elif isinstance(module, _QuantWeightMixin):
+            saved.append((module, "weight_fake_quant_enabled", module.weight_fake_quant_enabled))
+    disable_fake_quant(model)
+    try:
+        yield model
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)

@@ -8,10 +8,11 @@ The three steps are public too, for flows that run calibration themselves:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -19,15 +20,14 @@ from torch import nn
 
 from . import ops
 from .attention import attention_adapter_for, attention_channels
-from .config import IGQConfig
+from ._inputs import model_device, model_input, to_device, check_calibration_data
+from .allocation.cost import SHAPES_ATTR, record_site_shapes
+from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR"]
 
 logger = logging.getLogger("igq_plugin")
-
-CONFIG_ATTR = "igq_config"
-
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -154,64 +154,29 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True) -> nn.
     return prepared
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _model_input(batch: Any, index: int) -> Any:
-    """The model input of one calibration item: a tensor, (input, label, ...) or a dict of kwargs."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
-        return batch[0]
-    raise TypeError(
-        f"calibration item {index} is a {type(batch).__name__}; expected a Tensor, an (input, label) "
-        "tuple/list whose first element is a Tensor, or a dict of model keyword arguments"
-    )
-
-
-def check_calibration_data(data: Any) -> None:
-    """TypeError unless ``data`` is a Tensor (one batch) or an iterable of batches."""
-    if isinstance(data, torch.Tensor):
-        return
-    if data is None or isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"calibration_data must be a Tensor batch, an iterable of Tensors or (input, label) tuples, or a "
-            f"DataLoader; got {type(data).__name__}"
-        )
-
-
 @torch.no_grad()
 def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = True) -> int:
     """Run calibration data through a prepared model; returns the number of batches seen."""
     check_calibration_data(calibration_data)
     batches = [calibration_data] if isinstance(calibration_data, torch.Tensor) else calibration_data
-    device = _model_device(prepared)
+    device = model_device(prepared)
     total = len(batches) if hasattr(batches, "__len__") else None
     seen = 0
     from tqdm.auto import tqdm
 
+    shapes: dict = {}
     for index, batch in enumerate(tqdm(batches, total=total, desc="igq calibrate", unit="batch", disable=not progress)):
-        inputs = _to_device(_model_input(batch, index), device)
-        if isinstance(inputs, Mapping):
-            prepared(**inputs)
-        else:
-            prepared(inputs)
+        inputs = to_device(model_input(batch, index), device)
+        # The first batch also records per-instance site shapes (MACs / BOPs for igq.report and allocation).
+        with record_site_shapes(prepared, shapes) if index == 0 else contextlib.nullcontext():
+            if isinstance(inputs, Mapping):
+                prepared(**inputs)
+            else:
+                prepared(inputs)
         seen += 1
     if seen == 0:
         raise ValueError("calibration_data is empty: give at least one batch (the paper uses 32 images)")
+    setattr(prepared, SHAPES_ATTR, shapes)
     return seen
 
 
@@ -236,15 +201,31 @@ def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
 
 
 def quantize(
-    model: nn.Module, config: Optional[IGQConfig] = None, calibration_data: Any = None, *, progress: bool = True
+    model: nn.Module,
+    config: Optional[IGQConfig] = None,
+    calibration_data: Any = None,
+    *,
+    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    progress: bool = True,
 ) -> nn.Module:
     """Quantize a copy of ``model`` with ``config`` (default IGQConfig()) calibrated on ``calibration_data``.
 
     calibration_data: a Tensor batch, an iterable of Tensors, of (input, label) tuples or of dicts
     of keyword arguments, or a DataLoader. The user's ``model`` is never modified.
+    With ``config.group_allocation == "bop"`` the calibration data is run once more per site and
+    candidate to measure sensitivities (see :func:`igq_plugin.allocation.allocate`); ``head``
+    (features -> logits) is the task head their KL is taken through, for a backbone model.
     """
     config = IGQConfig() if config is None else config
     check_calibration_data(calibration_data)
+    if config.group_allocation is not None and not isinstance(calibration_data, torch.Tensor):
+        calibration_data = list(calibration_data)  # run twice: calibration, then sensitivities
     prepared = prepare(model, config)
     calibrate(prepared, calibration_data, progress=progress)
+    if config.group_allocation == "bop":
+        from .allocation import allocate
+
+        allocate(prepared, calibration_data, config, head=head, progress=progress)
+    elif head is not None:
+        raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")
     return convert(prepared, progress=progress)

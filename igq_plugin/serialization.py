@@ -7,6 +7,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .allocation.cost import SHAPES_ATTR
 from .config import IGQConfig
 from .quantize import CONFIG_ATTR, prepare
 
@@ -22,7 +23,11 @@ def save(qmodel: nn.Module, path: Union[str, os.PathLike]) -> None:
     if not isinstance(config, IGQConfig):
         raise ValueError("qmodel is not an igq_plugin quantized model (no igq_config): quantize it with igq.quantize first")
     state = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "state_dict": state}, path)
+    ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "state_dict": state}
+    shapes = getattr(qmodel, SHAPES_ATTR, None)
+    if shapes:
+        ckpt["site_shapes"] = shapes  # per-instance shapes for igq.report (plain ints and strings)
+    torch.save(ckpt, path)
 
 
 def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union[str, torch.device] = "cpu") -> nn.Module:
@@ -46,4 +51,6 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
             f"checkpoint does not match this model architecture: missing keys {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    if ckpt.get("site_shapes"):
+        setattr(qmodel, SHAPES_ATTR, ckpt["site_shapes"])
     return qmodel.eval()

@@ -93,6 +93,10 @@ class ProbeTask:
     def site_inputs(self, n: int = 8) -> torch.Tensor:
         return self.transform(self.test_images[:n])
 
+    def allocation_kwargs(self) -> dict:
+        """Keyword arguments of igq.allocation.allocate: KL through the probe on the probe's features."""
+        return {"output_fn": probe_features, "head": self.probe.logits}
+
 
 class ClassifierTask:
     """Top-1 of a classifier on a fixed labelled set; fidelity of the logits against FP.
@@ -137,6 +141,10 @@ class ClassifierTask:
 
     def site_inputs(self, n: int = 8) -> torch.Tensor:
         return next(iter(self.batches()))[:n]
+
+    def allocation_kwargs(self) -> dict:
+        """Keyword arguments of igq.allocation.allocate: KL of the classifier's own logits."""
+        return {}
 
 
 @torch.no_grad()

@@ -32,11 +32,31 @@ def test_quantize_command_saves_loadable_model(tmp_path, capsys):
     rc = main(["quantize", "--model", "deit_tiny_patch16_224", "--num-calib", "2", "-q",
                "--w-bits", "8", "--a-bits", "8", "--out", str(out)])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out.split("\nsaved")[0])
+    text = capsys.readouterr().out
+    report, end = json.JSONDecoder().raw_decode(text)
     assert report["output_cosine_vs_fp"] > 0.9
+    assert "blocks.11.mlp.fc2" in text[end:] and "ratio to FP32" in text[end:]  # the BOP table
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     loaded = igq.load(out, model)
     assert loaded(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_quantize_with_allocation_then_report_command(tmp_path, capsys):
+    out = tmp_path / "q.pt"
+    rc = main(["quantize", "--model", "deit_tiny_patch16_224", "--num-calib", "1", "-q", "--group-allocation", "bop",
+               "--alloc-candidates", "1", "4", "--groups", "4", "--out", str(out)])
+    assert rc == 0
+    report, _ = json.JSONDecoder().raw_decode(capsys.readouterr().out)
+    assert report["config"]["group_allocation"] == "bop"
+    assert main(["report", str(out), "--model", "deit_tiny_patch16_224", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    linear = [s for s in rep["sites"] if s["kind"] == "linear" and s["site"].startswith("blocks.")]
+    assert len(linear) == 48 and {s["groups"] for s in linear} <= {1, 4}
+    assert rep["total_bops"] < rep["fp_bops"]
+    # Budgets below the cheapest allocation fail with the minimum in the message.
+    assert main(["quantize", "--model", "deit_tiny_patch16_224", "--num-calib", "1", "-q", "--group-allocation",
+                 "bop", "--alloc-candidates", "1", "--bop-budget", "1e-6"]) == 2
+    assert "bop_budget >=" in capsys.readouterr().err
 
 
 def test_demo_command_rejects_weights_without_model(capsys):
