@@ -36,6 +36,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bop-budget", type=float, help="BOP budget: fraction of FP32 in (0, 1] or BOPs (default: uniform --groups)")
     g.add_argument("--alloc-candidates", type=int, nargs="+", metavar="G", help="group counts tried (default 1 2 4 8 12 16)")
     g.add_argument("--sensitivity-metric", choices=SENSITIVITY_METRICS, help="allocation sensitivity (default kl)")
+    g.add_argument("--sensitivity-images", type=int, help="calibration images the sensitivities use (default all)")
 
 
 def _config_from_args(args: argparse.Namespace) -> IGQConfig:
@@ -46,7 +47,7 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
         "skip": tuple(args.skip) if args.skip else None,
         "group_allocation": args.group_allocation, "bop_budget": args.bop_budget,
         "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,
-        "sensitivity_metric": args.sensitivity_metric,
+        "sensitivity_metric": args.sensitivity_metric, "sensitivity_images": args.sensitivity_images,
     }
     return base.replace(**{k: v for k, v in changes.items() if v is not None})
 

@@ -90,6 +90,8 @@ class IGQConfig:
         sensitivity_metric: "kl" (default; KL of softmax outputs: classifiers, or a backbone
             through a task head passed to igq.quantize(head=...)) or "mse" (relative squared
             error of the outputs: a feature distance for backbones).
+        sensitivity_images: calibration instances the sensitivities are measured on (None: all;
+            group ranges are always fitted on all of them). Fewer is proportionally faster.
     """
 
     weight_bits: int = 4
@@ -114,6 +116,7 @@ class IGQConfig:
     bop_budget: Optional[float] = None
     allocation_candidates: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     sensitivity_metric: str = "kl"
+    sensitivity_images: Optional[int] = None
     version: int = field(default=CONFIG_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +163,8 @@ class IGQConfig:
         for g in self.allocation_candidates:
             _check_int(g, "allocation_candidates entries", 1)
         _check_choice(self.sensitivity_metric, "sensitivity_metric", SENSITIVITY_METRICS)
+        if self.sensitivity_images is not None:
+            _check_int(self.sensitivity_images, "sensitivity_images", 1)
         if self.version != CONFIG_VERSION:
             raise ValueError(f"IGQConfig version {self.version} is not supported (this igq_plugin writes {CONFIG_VERSION})")
 

@@ -217,6 +217,7 @@ def test_allocation_config_validation_and_errors():
         ({"allocation_candidates": ()}, "allocation_candidates"),
         ({"allocation_candidates": (0, 2)}, "allocation_candidates"),
         ({"sensitivity_metric": "l2"}, "sensitivity_metric"),
+        ({"sensitivity_images": 0}, "sensitivity_images"),
     ):
         with pytest.raises((ValueError, TypeError), match=match):
             igq.IGQConfig(**bad)
@@ -227,6 +228,21 @@ def test_allocation_config_validation_and_errors():
     with pytest.raises(ValueError, match="no IGQ site"):
         igq.quantize(tiny_vit(), igq.IGQConfig(act_scheme="layer", group_allocation="bop"), calib_batches(),
                      progress=False)
+
+
+def test_sensitivity_images_limits_the_instances(monkeypatch):
+    seen = []
+    real = allocation.site_sensitivity
+
+    def spy(prepared, inputs, *args, **kwargs):
+        seen.append([x.shape[0] for x in inputs])
+        return real(prepared, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(allocation, "site_sensitivity", spy)
+    data = calib_batches(3, b=4)  # 12 instances
+    igq.quantize(tiny_vit(), igq.IGQConfig(group_allocation="bop", sensitivity_images=6, **SMALL), data, progress=False)
+    igq.quantize(tiny_vit(), igq.IGQConfig(group_allocation="bop", **SMALL), data, progress=False)
+    assert seen == [[6], [12]]
 
 
 def test_head_and_mse_metric():

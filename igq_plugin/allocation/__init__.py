@@ -110,13 +110,25 @@ def _as_inputs(calibration_data: Any) -> list:
     return [model_input(b, i) for i, b in enumerate(batches)]
 
 
-def _rebatch(inputs: list, batch_size: int) -> list:
-    """Concatenate same-shaped tensor inputs into batches of ``batch_size`` (fewer, faster forwards)."""
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        return inputs
-    if len({tuple(x.shape[1:]) for x in inputs}) != 1:
-        return inputs
-    return list(torch.cat(inputs).split(batch_size))
+def _batch_size(x: Any) -> int:
+    t = x if isinstance(x, torch.Tensor) else next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
+    return t.shape[0] if t is not None and t.dim() > 0 else 1
+
+
+def _sensitivity_inputs(inputs: list, limit: Optional[int], batch_size: int) -> list:
+    """The first ``limit`` instances (all if None); same-shaped tensors re-batched by ``batch_size``."""
+    if limit is not None:
+        kept, count = [], 0
+        for x in inputs:
+            if count >= limit:
+                break
+            n = _batch_size(x)
+            kept.append(x[: limit - count] if isinstance(x, torch.Tensor) and n > limit - count else x)
+            count += min(n, limit - count)
+        inputs = kept
+    if inputs and all(isinstance(x, torch.Tensor) for x in inputs) and len({tuple(x.shape[1:]) for x in inputs}) == 1:
+        return list(torch.cat(inputs).split(batch_size))  # fewer, larger forwards
+    return inputs
 
 
 def allocate(
@@ -148,7 +160,7 @@ def allocate(
         )
     inputs = _as_inputs(calibration_data)
     device = model_device(prepared)
-    inputs = [to_device(x, device) for x in _rebatch(inputs, batch_size)]
+    inputs = [to_device(x, device) for x in _sensitivity_inputs(inputs, config.sensitivity_images, batch_size)]
     costs = site_costs(prepared)
     by_name = {c.site: c for c in costs.sites}
     missing = [record for record, _ in sites.values() if record not in by_name]
