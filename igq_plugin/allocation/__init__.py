@@ -94,13 +94,13 @@ def allocatable_sites(prepared: nn.Module, config) -> dict[str, tuple[str, nn.Mo
     return sites
 
 
-def resolve_budget(bop_budget: Optional[float], costs: CostReport) -> float:
-    """Budget in BOPs: None -> the model's current (uniform-group) BOPs; (0, 1] -> fraction of FP32 BOPs;
-    > 1 -> an absolute BOP count."""
+def resolve_budget(bop_budget: Optional[float], uniform_bops: float, fp_bops: float) -> float:
+    """Budget in BOPs: None -> ``uniform_bops`` (every allocated site at num_groups); (0, 1] -> that
+    fraction of the FP32 BOPs; > 1 -> an absolute BOP count."""
     if bop_budget is None:
-        return float(costs.total_bops)
+        return float(uniform_bops)
     if bop_budget <= 1.0:
-        return float(bop_budget) * costs.fp_bops
+        return float(bop_budget) * fp_bops
     return float(bop_budget)
 
 
@@ -166,9 +166,10 @@ def allocate(
     missing = [record for record, _ in sites.values() if record not in by_name]
     if missing:
         raise ValueError(f"no recorded shapes for site(s) {missing[:3]}: calibrate the prepared model first")
-    budget = resolve_budget(config.bop_budget, costs)
     allocated = {record for record, _ in sites.values()}
     fixed = sum(c.bops() for c in costs.sites if c.site not in allocated)
+    uniform = fixed + sum(by_name[record].bops(min(config.num_groups, q.max_groups)) for record, q in sites.values())
+    budget = resolve_budget(config.bop_budget, uniform, costs.fp_bops)
 
     candidates = {}
     for qname, (_, q) in sites.items():
