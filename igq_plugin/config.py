@@ -152,7 +152,8 @@ class IGQConfig:
         self.head_patterns = _as_patterns(self.head_patterns, "head_patterns")
         _check_choice(self.group_allocation, "group_allocation", GROUP_ALLOCATIONS)
         if self.bop_budget is not None:
-            if isinstance(self.bop_budget, bool) or not isinstance(self.bop_budget, (int, float)) or not self.bop_budget > 0:
+            if (isinstance(self.bop_budget, bool) or not isinstance(self.bop_budget, (int, float))
+                    or not 0 < self.bop_budget < float("inf")):
                 raise ValueError(
                     f"bop_budget must be None (BOPs of uniform num_groups), a fraction in (0, 1] of the FP32 BOPs or "
                     f"a BOP count > 1; got {self.bop_budget!r}"

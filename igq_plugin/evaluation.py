@@ -106,7 +106,7 @@ class LinearProbe:
         """Class logits [N, K] (float64) of features [N, D]: the probe as a task head."""
         if self.linear is None:
             raise RuntimeError("LinearProbe used before fit")
-        return self.linear((features.double() - self.mean) / self.std)
+        return self.linear((features.detach().to("cpu", torch.float64) - self.mean) / self.std)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features).argmax(1)

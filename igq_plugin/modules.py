@@ -223,7 +223,7 @@ class SoftmaxQuantizer(_Quantizer):
     def num_groups(self) -> int:
         return self.hi.numel()
 
-    max_groups = 1 << 30  # rows per instance bound it; the fitting clamps to the rows it saw
+    max_groups = 1 << 30  # no channel bound: rows are many (instances x heads x queries)
 
     def set_num_groups(self, num_groups: int) -> None:
         """Resize to ``num_groups`` row groups (ranges are refitted by :meth:`fit`)."""

@@ -218,6 +218,8 @@ def quantize(
     """
     config = IGQConfig() if config is None else config
     check_calibration_data(calibration_data)
+    if head is not None and config.group_allocation is None:
+        raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")
     if config.group_allocation is not None and not isinstance(calibration_data, torch.Tensor):
         calibration_data = list(calibration_data)  # run twice: calibration, then sensitivities
     prepared = prepare(model, config)
@@ -226,6 +228,4 @@ def quantize(
         from .allocation import allocate
 
         allocate(prepared, calibration_data, config, head=head, progress=progress)
-    elif head is not None:
-        raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")
     return convert(prepared, progress=progress)

@@ -57,6 +57,15 @@ def test_solver_infeasible_budget_names_minimum():
     assert info.value.min_budget == 17
 
 
+def test_solver_handles_tolerance_sized_options():
+    # One huge option and several tiny ones: HiGHS's feasibility tolerance alone would overshoot the budget.
+    costs, bops = [[1.0, 0.0]] * 6, [[0, 10**9]] + [[0, 1]] * 5
+    assert solve_multiple_choice_knapsack(costs, bops, 10**9 + 2) == [0, 1, 1, 1, 1, 1]
+    assert solve_multiple_choice_knapsack(costs, bops, 10**9 + 5) == [1] * 6
+    # A budget exactly at the floor leaves only the cheapest options.
+    assert solve_multiple_choice_knapsack([[0.4, 1e-7], [1.0, 0.0]], [[657, 3144], [10, 10**11]], 667) == [0, 0]
+
+
 def test_solver_rejects_bad_tables():
     with pytest.raises(ValueError, match="site 1"):
         solve_multiple_choice_knapsack([[1.0], [1.0, 2.0]], [[1], [1]], 10)
@@ -120,6 +129,17 @@ def test_report_needs_shapes_and_survives_save_load(tmp_path):
         igq.report(igq.prepare(model, igq.IGQConfig(), observe=False))
 
 
+def test_swin_window_sites_count_every_window():
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
+                              depths=(1, 1), num_heads=(1, 2), window_size=7, num_classes=10).eval()
+    q = igq.quantize(model, igq.IGQConfig(), [torch.randn(2, 3, 56, 56)], progress=False)
+    sites = {s.site: s for s in igq.report(q).sites}
+    qkv, fc1 = sites["layers.0.blocks.0.attn.qkv"], sites["layers.0.blocks.0.mlp.fc1"]
+    assert qkv.shape["instances"] == 4 and qkv.shape["tokens"] == 49  # 14x14 tokens in 4 windows of 7x7
+    assert qkv.macs == 196 * 32 * 96 and fc1.macs == 196 * 32 * 128
+    assert sites["layers.0.blocks.0.attn.av"].macs == 4 * 1 * 49 * 49 * 32
+
+
 def test_layer_scheme_has_no_grouping_overhead():
     q = igq.quantize(tiny_vit(), igq.IGQConfig(act_scheme="layer"), calib_batches(), progress=False)
     for s in igq.report(q).sites:
@@ -149,6 +169,35 @@ def test_block_replay_gives_the_same_sensitivities(monkeypatch):
         assert all(v >= 0 for v in fast[name])
     # More groups fit an instance-varying site better on average.
     assert sum(v[0] for v in fast.values()) > sum(v[-1] for v in fast.values())
+
+
+class TwiceBlocks(torch.nn.Module):
+    """Runs its first block twice per forward: replay must notice and fall back to whole runs."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        v = self.vit
+        h = v.norm_pre(v._pos_embed(v.patch_embed(x)))
+        h = v.blocks[0](v.blocks[0](h))
+        for blk in v.blocks[1:]:
+            h = blk(h)
+        return v.forward_head(v.norm(h))
+
+
+def test_replay_falls_back_when_a_block_runs_twice(monkeypatch):
+    model, data = TwiceBlocks(tiny_vit(depth=3)).eval(), calib_batches()
+    cfg = igq.IGQConfig(**SMALL)
+    prepared = calibrated(model, cfg, data)
+    sites = {n: q for n, (_, q) in allocation.allocatable_sites(prepared, cfg).items()}
+    cands = {n: [1, 4] for n in sites}
+    guarded = allocation.site_sensitivity(prepared, data, sites, cands, progress=False)
+    monkeypatch.setattr(allocation.sensitivity, "find_blocks", lambda m: None)
+    whole = allocation.site_sensitivity(prepared, data, sites, cands, progress=False)
+    for name in sites:
+        assert guarded[name] == pytest.approx(whole[name], rel=1e-4, abs=1e-12), name
 
 
 def test_sensitivity_leaves_prepared_model_as_it_was():
@@ -209,11 +258,24 @@ def test_fraction_budget_and_infeasible_budget():
         assert psi[cands.index(g)] == min(psi)
 
 
+def test_small_sites_and_infeasible_default_budget():
+    model, data = tiny_vit(), calib_batches()
+    # Candidates above a site's 64 channels: that site falls back to one group per channel.
+    q = igq.quantize(model, igq.IGQConfig(group_allocation="bop", allocation_candidates=(128, 256), num_groups=256),
+                     data, progress=False)
+    groups = dict(zip(q.igq_allocation.sites, q.igq_allocation.groups))
+    assert groups["blocks.0.attn.qkv"] == 64 and groups["blocks.0.mlp.fc2"] in (128, 256)
+    with pytest.raises(InfeasibleBudgetError, match="default budget .*num_groups=3.*Add num_groups"):
+        igq.quantize(model, igq.IGQConfig(group_allocation="bop", allocation_candidates=(4, 8), num_groups=3), data,
+                     progress=False)
+
+
 def test_allocation_config_validation_and_errors():
     for bad, match in (
         ({"group_allocation": "greedy"}, "group_allocation"),
         ({"bop_budget": -1}, "bop_budget"),
         ({"bop_budget": True}, "bop_budget"),
+        ({"bop_budget": float("inf")}, "bop_budget"),
         ({"allocation_candidates": ()}, "allocation_candidates"),
         ({"allocation_candidates": (0, 2)}, "allocation_candidates"),
         ({"sensitivity_metric": "l2"}, "sensitivity_metric"),
@@ -247,9 +309,30 @@ def test_sensitivity_images_limits_the_instances(monkeypatch):
 
 def test_head_and_mse_metric():
     model, data = tiny_vit(), calib_batches()
-    head = torch.nn.Linear(10, 3)
+    calls = []
+
+    def head(out):
+        calls.append(out.shape)
+        return out[:, :3] * 10.0
+
     q = igq.quantize(model, igq.IGQConfig(group_allocation="bop", **SMALL), data, head=head, progress=False)
-    assert q.igq_allocation.metric == "kl"
+    assert q.igq_allocation.metric == "kl" and calls and all(shape[1] == 10 for shape in calls)
+    plain = igq.quantize(model, igq.IGQConfig(group_allocation="bop", **SMALL), data, progress=False)
+    assert q.igq_allocation.psi != plain.igq_allocation.psi
     q2 = igq.quantize(model, igq.IGQConfig(group_allocation="bop", sensitivity_metric="mse", **SMALL), data,
                       progress=False)
     assert q2.igq_allocation.metric == "mse" and all(p >= 0 for ps in q2.igq_allocation.psi for p in ps)
+
+
+def test_disable_fake_quant_gives_float_outputs_and_enable_restores():
+    model, data = tiny_vit(), calib_batches()
+    q = igq.quantize(model, igq.IGQConfig(), data, progress=False)
+    x = calib_batches(1, seed=5)[0]
+    quantized = q(x)
+    igq.disable_fake_quant(q)
+    torch.testing.assert_close(q(x), model(x), rtol=1e-5, atol=1e-5)
+    igq.enable_fake_quant(q)
+    assert torch.equal(q(x), quantized)
+    with igq.modules.fake_quant_disabled(q):
+        torch.testing.assert_close(q(x), model(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(q(x), quantized)

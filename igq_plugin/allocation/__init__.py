@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,6 +46,8 @@ __all__ = [
 ]
 
 ALLOCATION_ATTR = "igq_allocation"
+
+logger = logging.getLogger("igq_plugin")
 
 
 @dataclass
@@ -122,9 +126,13 @@ def _sensitivity_inputs(inputs: list, limit: Optional[int], batch_size: int) -> 
         for x in inputs:
             if count >= limit:
                 break
-            n = _batch_size(x)
-            kept.append(x[: limit - count] if isinstance(x, torch.Tensor) and n > limit - count else x)
-            count += min(n, limit - count)
+            n, room = _batch_size(x), limit - count
+            if n > room:
+                x = x[:room] if isinstance(x, torch.Tensor) else {
+                    k: v[:room] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+                    for k, v in x.items()}
+            kept.append(x)
+            count += min(n, room)
         inputs = kept
     if inputs and all(isinstance(x, torch.Tensor) for x in inputs) and len({tuple(x.shape[1:]) for x in inputs}) == 1:
         return list(torch.cat(inputs).split(batch_size))  # fewer, larger forwards
@@ -153,6 +161,16 @@ def allocate(
     if config is None:
         raise ValueError("allocate needs the IGQConfig: pass config= or use a model from igq.prepare")
     sites = allocatable_sites(prepared, config)
+    unseen = [n for n, (_, q) in sites.items() if q.observer is not None and q.observer.num_instances == 0]
+    if unseen:
+        logger.warning("group allocation skips %d site(s) that saw no calibration data: %s", len(unseen), ", ".join(unseen))
+        sites = {n: v for n, v in sites.items() if n not in unseen}
+    converted = [n for n, (_, q) in sites.items() if q.observer is None]
+    if converted:
+        raise ValueError(
+            f"site '{converted[0]}' holds no calibration statistics: allocate after igq.calibrate and before "
+            "igq.convert (convert drops the statistics)"
+        )
     if not sites:
         raise ValueError(
             "group allocation found no IGQ site: it needs act_scheme='igq' (Linear inputs) or softmax row groups "
@@ -174,15 +192,19 @@ def allocate(
     candidates = {}
     for qname, (_, q) in sites.items():
         options = sorted({g for g in config.allocation_candidates if g <= q.max_groups})
-        candidates[qname] = options or [min(config.allocation_candidates)]
+        candidates[qname] = options or [min(min(config.allocation_candidates), q.max_groups)]
     names = list(sites)
     bops = [[by_name[sites[n][0]].bops(g) for g in candidates[n]] for n in names]
     floor = min_feasible_budget(bops) + fixed
     if budget < floor:  # before the (slow) sensitivities
+        fraction = math.ceil(floor / costs.fp_bops * 1e6) / 1e6
+        given = (f"the default budget (BOPs of uniform num_groups={config.num_groups}: {budget:.0f})"
+                 if config.bop_budget is None else f"bop_budget={config.bop_budget!r} ({budget:.0f} BOPs)")
+        hint = (" Add num_groups to allocation_candidates or set bop_budget." if config.bop_budget is None else "")
         raise InfeasibleBudgetError(
-            f"bop_budget {budget:.6g} BOPs ({budget / costs.fp_bops:.4f} of FP32) is infeasible: the fewest groups "
-            f"at every allocated site need {floor:.6g} BOPs ({floor / costs.fp_bops:.4f} of FP32) with the "
-            f"fixed sites; give bop_budget >= {floor:.6g} (or a fraction >= {floor / costs.fp_bops:.4f})", floor,
+            f"{given} is infeasible: the fewest candidate groups at every allocated site, with the fixed sites, "
+            f"need {math.ceil(floor)} BOPs ({fraction} of FP32); give bop_budget >= {math.ceil(floor)} "
+            f"(or a fraction >= {fraction}).{hint}", floor,
         )
     psi = site_sensitivity(
         prepared, inputs, {n: q for n, (_, q) in sites.items()}, candidates,

@@ -11,6 +11,8 @@ Sites and what they cost per instance:
 * ``<attention>.qk``: Q K^T at q_bits x k_bits; ``<attention>.av``: A V at softmax_bits x v_bits
   plus the row-grouping overhead (row max, assignment) for g > 1 row groups.
 * Linear layers left in float count at 32 x 32.
+Not counted: IGQ grouping overhead of the Q/K/V operands under ``matmul_scheme="igq"`` (their
+group count is not allocated either); the ``qk`` record shows one group.
 """
 from __future__ import annotations
 
@@ -45,12 +47,11 @@ class SiteCost:
 
     def overhead_ops(self, groups: Optional[int] = None) -> int:
         g = self.groups if groups is None else groups
+        s = self.shape
         if self.kind == "linear":
-            s = self.shape
-            return ops.igq_linear_overhead_ops(s["tokens"], s["in_features"], s["out_features"], g)
+            return s["instances"] * ops.igq_linear_overhead_ops(s["tokens"], s["in_features"], s["out_features"], g)
         if self.kind == "av":
-            s = self.shape
-            return ops.softmax_group_overhead_ops(s["heads"], s["q_tokens"], s["k_tokens"], g)
+            return s["instances"] * ops.softmax_group_overhead_ops(s["heads"], s["q_tokens"], s["k_tokens"], g)
         return 0
 
     def bops(self, groups: Optional[int] = None) -> int:
@@ -106,42 +107,62 @@ class CostReport:
         return "\n".join(lines)
 
 
-def _instance_count(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() > 1 else 1
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
 
 
 @contextlib.contextmanager
 def record_site_shapes(model: nn.Module, shapes: dict):
-    """Fill ``shapes`` (module name -> per-instance shape facts) from the forward passes run inside."""
+    """Fill ``shapes`` (module name -> per-image shape facts) from the forward passes run inside.
+
+    The batch size is read from the model's own input; a site whose leading dimension holds
+    several rows per image (Swin windows) records them as ``instances`` (IGQ's per-instance
+    ranges are per row there), tokens per instance as ``tokens``.
+    """
     handles = []
+    batch = {"size": None}
+
+    def on_model(module, args, kwargs):
+        t = _first_tensor(args, kwargs)
+        batch["size"] = int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+
+    def per_image(t: torch.Tensor) -> int:
+        """Rows of the leading dimension per image (1 unless e.g. windows are folded into it)."""
+        lead = int(t.shape[0]) if t.dim() > 1 else 1
+        size = batch["size"] or lead
+        return max(1, lead // size) if lead % size == 0 else 1
 
     def on_linear(name):
         def hook(module, args, output):
             x = args[0]
-            tokens = x.numel() // (_instance_count(x) * x.shape[-1])
-            shapes[name] = {"kind": "linear", "tokens": int(tokens), "in_features": int(x.shape[-1]),
-                            "out_features": int(output.shape[-1])}
+            lead = int(x.shape[0]) if x.dim() > 1 else 1
+            shapes[name] = {"kind": "linear", "instances": per_image(x), "tokens": int(x.numel() // (lead * x.shape[-1])),
+                            "in_features": int(x.shape[-1]), "out_features": int(output.shape[-1])}
         return hook
 
     def on_conv(name):
         def hook(module, args, output):
             k = module.weight[0].numel()  # in_channels / groups * kh * kw
-            shapes[name] = {"kind": "conv", "macs": int(output[0].numel() * k)}
+            shapes[name] = {"kind": "conv", "macs": int(output[0].numel() * k * per_image(output))}
         return hook
 
     def on_softmax(name, attention):
         def hook(module, args, output):
-            a = args[0]  # [B, H, N, M]
+            a = args[0]  # [B * windows, H, N, M]
             heads, q_tokens, k_tokens = (int(d) for d in a.shape[-3:])
             channels = attention.qkv.out_features // 3 if hasattr(attention, "qkv") else None
             head_dim = getattr(attention, "head_dim", None) or (channels // heads if channels else None)
             if head_dim is None:
                 raise ValueError(f"attention '{name}': cannot tell its head dimension for BOP counting")
-            shapes[name] = {"kind": "attention", "heads": heads, "q_tokens": q_tokens, "k_tokens": k_tokens,
-                            "head_dim": int(head_dim)}
+            shapes[name] = {"kind": "attention", "instances": per_image(a), "heads": heads, "q_tokens": q_tokens,
+                            "k_tokens": k_tokens, "head_dim": int(head_dim)}
         return hook
 
     try:
+        handles.append(model.register_forward_pre_hook(on_model, with_kwargs=True))
         for name, module in model.named_modules():
             if isinstance(module, (QuantLinear, nn.Linear)):
                 handles.append(module.register_forward_hook(on_linear(name)))
@@ -175,17 +196,18 @@ def site_costs(model: nn.Module, shapes: Optional[dict] = None) -> CostReport:
         if isinstance(module, QuantLinear):
             q = module.input_quantizer
             a_bits = q.bits if q is not None else FP_BITS
-            macs = ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
+            macs = facts["instances"] * ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
             records.append(SiteCost(name, "linear", _groups(q), module.w_bits, a_bits, macs, facts))
         elif isinstance(module, QuantConv2d):
             q = module.input_quantizer
             records.append(SiteCost(name, "conv", 1, module.w_bits, q.bits if q is not None else FP_BITS,
                                     facts["macs"], facts))
         elif isinstance(module, nn.Linear):
-            macs = ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
+            macs = facts["instances"] * ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
             records.append(SiteCost(name, "float", 1, FP_BITS, FP_BITS, macs, facts))
         elif isinstance(module, QuantAttention):
-            macs = ops.attention_macs(facts["heads"], facts["q_tokens"], facts["k_tokens"], facts["head_dim"])
+            macs = facts["instances"] * ops.attention_macs(facts["heads"], facts["q_tokens"], facts["k_tokens"],
+                                                           facts["head_dim"])
 
             def bits(q):
                 return q.bits if q is not None else FP_BITS

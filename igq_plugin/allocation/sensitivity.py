@@ -79,6 +79,14 @@ class _Replay(nn.Module):
         return self.cache[self.state["batch"]]
 
 
+def _detached_copy(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_detached_copy(o) for o in out)
+    return out
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
@@ -86,7 +94,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 @contextlib.contextmanager
 def _only_site(quantizer, ranges):
     """Enable one quantizer with the given ranges; restore its state (observer, buffers) afterwards."""
-    saved = (quantizer.observer, {k: v.clone() for k, v in quantizer._buffers.items()})
+    saved = (quantizer.observer, {k: v.clone() for k, v in quantizer._buffers.items()}, quantizer.fake_quant_enabled)
     quantizer.observer = None
     if isinstance(quantizer, SoftmaxQuantizer):
         quantizer.load_ranges(ranges)
@@ -96,7 +104,7 @@ def _only_site(quantizer, ranges):
     try:
         yield
     finally:
-        quantizer.fake_quant_enabled = False
+        quantizer.fake_quant_enabled = saved[2]
         quantizer.observer = saved[0]
         for k, v in saved[1].items():
             quantizer._buffers[k] = v
@@ -129,7 +137,10 @@ def site_sensitivity(
         raise ValueError("sensitivity needs at least one calibration batch")
     for name, q in sites.items():
         if q.observer is None or q.observer.num_instances == 0:
-            raise ValueError(f"site '{name}' has no calibration statistics: run igq.calibrate before allocating")
+            raise ValueError(
+                f"site '{name}' has no calibration statistics: run igq.calibrate first, and measure before "
+                "igq.convert (which drops them)"
+            )
 
     def evaluate(x):
         out = _output_tensor(_call(prepared, x) if output_fn is None else output_fn(prepared, x))
@@ -145,17 +156,26 @@ def site_sensitivity(
     caches: list[list] = [[] for _ in range(len(container))] if container is not None else []
     references = []
     handles = []
+
+    def keep(j):
+        def hook(module, args, out):
+            caches[j].append(_detached_copy(out))  # a copy: a later block may modify its input in place
+        return hook
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(fake_quant_disabled(prepared))
         stack.callback(lambda: [h.remove() for h in handles])
         if container is not None:
-            for j, child in enumerate(container):
-                handles.append(child.register_forward_hook(lambda m, a, out, j=j: caches[j].append(out)))
+            for j in range(len(container) - 1):  # the last block is never replayed
+                handles.append(container[j].register_forward_hook(keep(j)))
         for x in inputs:
             references.append(evaluate(x))
         for h in handles:
             h.remove()
         handles = []
+        if container is not None and any(len(c) != len(inputs) for c in caches[:-1]):
+            # A block ran zero or several times per forward: replay would misalign, so run models whole.
+            container, caches, block_of = None, [], {}
 
         state = {"batch": 0}
         fits_total = sum(len(c) for c in candidates.values())

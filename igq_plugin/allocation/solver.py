@@ -5,6 +5,10 @@ sum_l bops[l][k_l] <= budget. Sites may have different numbers of options.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +38,25 @@ def _check(costs: Sequence[Sequence[float]], bops: Sequence[Sequence[float]]) ->
             raise ValueError(f"site {l}: BOPs must be >= 0, got {list(b)}")
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Swallow C-level writes to fd 1 (scipy's HiGHS prints debug lines there) so CLI JSON stays clean."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # captured / replaced stdout: nothing to protect
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def min_feasible_budget(bops: Sequence[Sequence[float]]) -> float:
     """The smallest budget any allocation fits: the cheapest option of every site."""
     return float(sum(min(b) for b in bops))
@@ -50,6 +73,8 @@ def solve_multiple_choice_knapsack(
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     _check(costs, bops)
+    if not np.isfinite(budget):
+        raise ValueError(f"budget must be a finite number of BOPs, got {budget!r}")
     floor = min_feasible_budget(bops)
     if budget < floor:
         raise InfeasibleBudgetError(
@@ -57,6 +82,8 @@ def solve_multiple_choice_knapsack(
             f"needs {floor:.6g} BOPs; give a budget >= {floor:.6g}", floor,
         )
     sizes = [len(c) for c in costs]
+    if sum(max(b) for b in bops) <= budget:  # budget covers anything: each site's least cost, then fewest BOPs
+        return [min(range(len(c)), key=lambda k, c=c, b=b: (c[k], b[k])) for c, b in zip(costs, bops)]
     offsets = np.cumsum([0] + sizes)
     n = int(offsets[-1])
     cost = np.concatenate([np.asarray(c, dtype=np.float64) for c in costs])
@@ -73,19 +100,22 @@ def solve_multiple_choice_knapsack(
     for l in range(len(sizes)):
         choose_one[l, offsets[l]:offsets[l + 1]] = 1.0
     limit = slack
-    for _ in range(20):
-        scale = max(limit, 1.0)
+    for attempt in range(60):
+        scale = max(limit, 1.0)  # the budget row in units of the remaining slack: tolerances stay relative to it
+        upper = (extra <= limit).astype(np.float64)  # an option that alone exceeds the slack is out
         constraints = [
             LinearConstraint(choose_one, 1.0, 1.0),
             LinearConstraint((extra / scale)[None, :], -np.inf, limit / scale),
         ]
-        res = milp(objective, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+        with _quiet_stdout():
+            res = milp(objective, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, upper),
+                       options={"mip_rel_gap": 0.0})
         if res.x is None:
             raise RuntimeError(f"MILP solver failed: {res.message}")
         picks = [int(np.argmax(res.x[offsets[l]:offsets[l + 1]])) for l in range(len(sizes))]
         spent = sum(float(bops[l][k]) for l, k in enumerate(picks))
         if spent <= budget:
             return picks
-        limit -= spent - budget  # solver tolerance let it exceed: tighten and re-solve
-        limit = max(limit, 0.0)
+        # Solver tolerance let it exceed the budget: tighten (at least geometrically) and re-solve.
+        limit = max(0.0, limit - max(spent - budget, 1e-7 * slack * 2**attempt))
     raise RuntimeError("MILP solver could not return an allocation within the budget")  # pragma: no cover

@@ -50,11 +50,11 @@ def assign_groups(
 
     lo, hi: [..., C] channel ranges; group_lo, group_hi: [G]. Returns int64 [..., C].
     """
-    if lo.numel() <= 2 * _ASSIGN_CHUNK:
+    if lo.numel() <= 2 * _ASSIGN_CHUNK or lo.device.type != "cpu":
         dist = (lo.unsqueeze(-1) - group_lo) ** 2 + (hi.unsqueeze(-1) - group_hi) ** 2
         return torch.argmin(dist, dim=-1)  # argmin returns the first minimum: lowest group index
     # Same arithmetic in cache-sized chunks (the [n, G] temporaries of one pass stay in L2): identical
-    # results, about 2.5x faster for calibration-sized inputs (n ~ 50k channel ranges).
+    # results, about 3x faster on CPU for calibration-sized inputs (n ~ 50k channel ranges).
     flat_lo, flat_hi = lo.reshape(-1), hi.reshape(-1)
     out = torch.empty(flat_lo.shape, dtype=torch.long, device=lo.device)
     for start in range(0, flat_lo.numel(), _ASSIGN_CHUNK):
