@@ -132,7 +132,7 @@ def test_nan_in_calibration_names_site_and_leaves_model_untouched():
         ({"range_update": "median"}, ValueError, "range_update"),
         ({"weight_percentile": 80.0}, ValueError, "weight_percentile"),
         ({"skip": [3]}, TypeError, "skip"),
-        ({"group_allocation": "bop"}, ValueError, "group_allocation"),
+        ({"group_allocation": "greedy"}, ValueError, "group_allocation"),
     ],
 )
 def test_config_validation(kwargs, exc, match):
