@@ -217,6 +217,8 @@ def quantize(
     (features -> logits) is the task head their KL is taken through, for a backbone model.
     """
     config = IGQConfig() if config is None else config
+    if not isinstance(config, IGQConfig):
+        raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
     check_calibration_data(calibration_data)
     if head is not None and config.group_allocation is None:
         raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")
