@@ -3,13 +3,12 @@ import itertools
 import random
 
 import pytest
+import timm
 import torch
 
 import igq_plugin as igq
 from igq_plugin import allocation
 from igq_plugin.allocation import InfeasibleBudgetError, solve_multiple_choice_knapsack
-
-timm = pytest.importorskip("timm")
 
 
 # Solver --------------------------------------------------------------------------------------

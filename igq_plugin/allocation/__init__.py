@@ -21,7 +21,7 @@ from torch import nn
 from ..config import CONFIG_ATTR
 from .._inputs import check_calibration_data, model_device, model_input, to_device
 from ..modules import ActQuantizer, QuantLinear, SoftmaxQuantizer, fake_quant_disabled
-from .cost import CostReport, SiteCost, record_site_shapes, site_costs
+from .cost import CostReport, SiteCost, _first_tensor, record_site_shapes, site_costs
 from .sensitivity import METRICS, find_blocks, output_distance, site_sensitivity
 from .solver import InfeasibleBudgetError, min_feasible_budget, solve_multiple_choice_knapsack
 
@@ -115,7 +115,7 @@ def _as_inputs(calibration_data: Any) -> list:
 
 
 def _batch_size(x: Any) -> int:
-    t = x if isinstance(x, torch.Tensor) else next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
+    t = x if isinstance(x, torch.Tensor) else _first_tensor((), x)
     return t.shape[0] if t is not None and t.dim() > 0 else 1
 
 
