@@ -227,7 +227,7 @@ class SoftmaxQuantizer(_Quantizer):
 
     def set_num_groups(self, num_groups: int) -> None:
         """Resize to ``num_groups`` row groups (ranges are refitted by :meth:`fit`)."""
-        if not 1 <= num_groups:
+        if num_groups < 1:
             raise ValueError(f"site '{self.site}': num_groups must be >= 1, got {num_groups}")
         self.hi = torch.ones(num_groups, device=self.hi.device)
         self.calibrated.fill_(False)

@@ -117,6 +117,11 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
     return left_float
 
 
+def _check_config(config: Any) -> None:
+    if not isinstance(config, IGQConfig):
+        raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
+
+
 def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True) -> nn.Module:
     """A quantization-ready copy of ``model``; ``model`` itself is never modified.
 
@@ -127,8 +132,7 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True) -> nn.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, IGQConfig):
-        raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
+    _check_config(config)
     prepared = copy.deepcopy(model).eval()
     for module in prepared.modules():
         if hasattr(module, "fused_attn"):
@@ -217,8 +221,7 @@ def quantize(
     (features -> logits) is the task head their KL is taken through, for a backbone model.
     """
     config = IGQConfig() if config is None else config
-    if not isinstance(config, IGQConfig):
-        raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
+    _check_config(config)
     check_calibration_data(calibration_data)
     if head is not None and config.group_allocation is None:
         raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")

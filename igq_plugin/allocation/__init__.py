@@ -165,12 +165,6 @@ def allocate(
     if unseen:
         logger.warning("group allocation skips %d site(s) that saw no calibration data: %s", len(unseen), ", ".join(unseen))
         sites = {n: v for n, v in sites.items() if n not in unseen}
-    converted = [n for n, (_, q) in sites.items() if q.observer is None]
-    if converted:
-        raise ValueError(
-            f"site '{converted[0]}' holds no calibration statistics: allocate after igq.calibrate and before "
-            "igq.convert (convert drops the statistics)"
-        )
     if not sites:
         raise ValueError(
             "group allocation found no IGQ site: it needs act_scheme='igq' (Linear inputs) or softmax row groups "
