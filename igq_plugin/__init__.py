@@ -21,6 +21,7 @@ from .modules import (
     iter_quantizers,
 )
 from .quantize import calibrate, convert, prepare, quantize
+from .reparam import reparameterize
 from .serialization import load, save
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "prepare",
     "calibrate",
     "convert",
+    "reparameterize",
     "save",
     "load",
     "report",

@@ -80,6 +80,12 @@ class ChannelRangeObserver:
     def num_instances(self) -> int:
         return sum(t.shape[0] for t in self._lo)
 
+    def remap(self, fn) -> None:
+        """Replace the recorded ranges by ``fn(lo, hi)`` (a monotone per-channel map of the activation)."""
+        pairs = [fn(lo, hi) for lo, hi in zip(self._lo, self._hi)]
+        self._lo = [lo.float() for lo, _ in pairs]
+        self._hi = [hi.float() for _, hi in pairs]
+
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi), each [instances, C]."""
         if not self._lo:

@@ -7,11 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
+from .ops.levels import DEFAULT_TANQ_STEEPNESS, SOFTMAX_QUANTIZERS, check_softmax_quantizer
 from .ops.quant import check_bits
 
-__all__ = ["IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION", "CONFIG_ATTR", "GROUP_ALLOCATIONS", "SENSITIVITY_METRICS"]
+__all__ = [
+    "IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION", "CONFIG_ATTR", "GROUP_ALLOCATIONS", "REPARAMS", "SENSITIVITY_METRICS",
+    "SOFTMAX_QUANTIZERS",
+]
 
 ACT_SCHEMES = ("layer", "channel", "igq")
+REPARAMS = (None, "repq", "mosf")
 GROUP_ALLOCATIONS = (None, "bop")
 SENSITIVITY_METRICS = ("kl", "mse")
 CONFIG_VERSION = 1
@@ -63,6 +68,17 @@ class IGQConfig:
             channels; default "layer").
         quantize_attention: quantize Q, K, V and post-softmax attention in known attention
             modules (timm ViT/DeiT/DINOv2, Swin).
+        softmax_quantizer: levels of post-softmax attention: "uniform" (IGQ-ViT), "log_sqrt2"
+            (RepQ-ViT) or "tanq" (DopQ-ViT's tangent quantizer, dense near 0 and near 1); row
+            groups apply to all three (igq_plugin.ops.levels).
+        tanq_steepness: kappa of "tanq" (larger: levels more concentrated at 0 and 1).
+    Reparameterization (igq_plugin.reparam)
+        reparam: None, "repq" or "mosf": fold per-channel scales of every LayerNorm output that
+            feeds only Linears (qkv, fc1) into the LayerNorm affine and those Linears (RepQ-ViT).
+            The site's per-channel quantizer (calibration min/max at act_bits) becomes exactly one
+            layer-wise quantizer (act_scheme "layer"), or IGQ groups are fitted on the
+            reparameterized activation (act_scheme "igq"). The layer-wise scale is the mean of the
+            channel scales ("repq") or DopQ-ViT's MAD-guided scale ("mosf"). FP outputs are unchanged.
     Calibration
         range_update: range rule of the fitted groups, one of "envelope", "mean",
             "quantile" (default; see igq_plugin.calibration).
@@ -102,6 +118,9 @@ class IGQConfig:
     softmax_bits: Optional[int] = None
     matmul_scheme: str = "layer"
     quantize_attention: bool = True
+    softmax_quantizer: str = "uniform"
+    tanq_steepness: float = DEFAULT_TANQ_STEEPNESS
+    reparam: Optional[str] = None
     embed_bits: Optional[int] = 8
     head_bits: Optional[int] = 8
     range_update: str = DEFAULT_UPDATE
@@ -133,6 +152,12 @@ class IGQConfig:
             _check_int(self.softmax_groups, "softmax_groups", 1)
         if not isinstance(self.quantize_attention, bool):
             raise TypeError(f"quantize_attention must be a bool, got {self.quantize_attention!r}")
+        _check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
+        if (isinstance(self.tanq_steepness, bool) or not isinstance(self.tanq_steepness, (int, float))
+                or not 0 < self.tanq_steepness < 1e6):
+            raise ValueError(f"tanq_steepness must be a positive number (e.g. 8.0), got {self.tanq_steepness!r}")
+        check_softmax_quantizer(self.softmax_quantizer, self.tanq_steepness)
+        _check_choice(self.reparam, "reparam", REPARAMS)
         _check_choice(self.range_update, "range_update", UPDATE_RULES)
         if not isinstance(self.range_quantile, (int, float)) or not 0.5 < self.range_quantile <= 1.0:
             raise ValueError(f"range_quantile must be a float in (0.5, 1], got {self.range_quantile!r}")
@@ -168,6 +193,24 @@ class IGQConfig:
             _check_int(self.sensitivity_images, "sensitivity_images", 1)
         if self.version != CONFIG_VERSION:
             raise ValueError(f"IGQConfig version {self.version} is not supported (this igq_plugin writes {CONFIG_VERSION})")
+
+    # Presets ---------------------------------------------------------------------------
+    @classmethod
+    def repq_vit(cls, bits: int = 4, **changes: Any) -> "IGQConfig":
+        """RepQ-ViT (Li et al., ICCV 2023) in this engine: layer-wise activations, post-LayerNorm
+        scale reparameterization, log-sqrt(2) post-softmax quantizer (one range per site)."""
+        fields = dict(weight_bits=bits, act_bits=bits, act_scheme="layer", reparam="repq",
+                      softmax_quantizer="log_sqrt2", softmax_groups=1)
+        return cls(**{**fields, **changes})
+
+    @classmethod
+    def dopq_vit(cls, bits: int = 4, **changes: Any) -> "IGQConfig":
+        """DopQ-ViT's post-training quantizers (Yang et al., 2024) in this engine: RepQ-ViT's layout
+        with the MAD-guided reparameterization scale and the TanQ post-softmax quantizer.
+        (DopQ-ViT's block reconstruction is not part of this preset.)"""
+        fields = dict(weight_bits=bits, act_bits=bits, act_scheme="layer", reparam="mosf",
+                      softmax_quantizer="tanq", softmax_groups=1)
+        return cls(**{**fields, **changes})
 
     # Effective values -------------------------------------------------------------------
     @property

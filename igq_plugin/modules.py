@@ -205,15 +205,24 @@ class ActQuantizer(_Quantizer):
 
 
 class SoftmaxQuantizer(_Quantizer):
-    """Post-softmax attention quantizer with static row groups [0, u_g] (unsigned)."""
+    """Post-softmax attention quantizer with static row groups [0, u_g].
+
+    ``levels``: "uniform" (unsigned uniform, IGQ-ViT), "log_sqrt2" (RepQ-ViT) or "tanq"
+    (DopQ-ViT's tangent quantizer, steepness ``steepness``); see :mod:`igq_plugin.ops.levels`.
+    Every row is assigned to the group whose u_g is nearest its maximum, whatever the levels.
+    """
 
     _observer_cls = RowMaxObserver
 
     def __init__(
         self, bits: int, num_groups: int = 1, *, update: str = DEFAULT_UPDATE, quantile: float = DEFAULT_QUANTILE,
-        kmeans_iters: int = 100, site: str = "",
+        kmeans_iters: int = 100, levels: str = "uniform", steepness: float = ops.DEFAULT_TANQ_STEEPNESS,
+        site: str = "",
     ) -> None:
         super().__init__(bits, site)
+        ops.check_softmax_quantizer(levels, steepness)
+        self.levels = levels
+        self.steepness = float(steepness)
         self.update = update
         self.quantile = quantile
         self.kmeans_iters = kmeans_iters
@@ -257,10 +266,11 @@ class SoftmaxQuantizer(_Quantizer):
             self.observer.observe(a)
             return a
         self._require_calibrated()
-        return ops.softmax_group_fake_quantize(a, self.hi.to(a.dtype), self.bits)
+        return ops.softmax_group_fake_quantize(a, self.hi.to(a.dtype), self.bits, self.levels, self.steepness)
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, bits={self.bits}, groups={self.num_groups}"
+        extra = f", steepness={self.steepness:g}" if self.levels == "tanq" else ""
+        return f"site={self.site!r}, bits={self.bits}, groups={self.num_groups}, levels={self.levels}{extra}"
 
 
 class _QuantWeightMixin:

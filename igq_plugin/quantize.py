@@ -24,6 +24,7 @@ from ._inputs import model_device, model_input, to_device, check_calibration_dat
 from .allocation.cost import SHAPES_ATTR, record_site_shapes
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
+from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR"]
 
@@ -73,7 +74,7 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig) -> None:
             "softmax_quantizer": SoftmaxQuantizer(
                 cfg.effective_softmax_bits, cfg.effective_softmax_groups,
                 update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
-                site=f"{name}.softmax_quantizer",
+                levels=cfg.softmax_quantizer, steepness=cfg.tanq_steepness, site=f"{name}.softmax_quantizer",
             ),
         }
         _set_child(model, name, adapter(module, quantizers))
@@ -171,6 +172,8 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
     shapes: dict = {}
     for index, batch in enumerate(tqdm(batches, total=total, desc="igq calibrate", unit="batch", disable=not progress)):
         inputs = to_device(model_input(batch, index), device)
+        if index == 0:
+            setattr(prepared, EXAMPLE_ATTR, example_slice(inputs))  # for reparameterize's checks
         # The first batch also records per-instance site shapes (MACs / BOPs for igq.report and allocation).
         with record_site_shapes(prepared, shapes) if index == 0 else contextlib.nullcontext():
             if isinstance(inputs, Mapping):
@@ -186,8 +189,16 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
 
 @torch.no_grad()
 def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
-    """Fit static ranges of every observing quantizer (in place) and return the model."""
+    """Fit static ranges of every observing quantizer (in place) and return the model.
+
+    With IGQConfig.reparam set, post-LayerNorm scales are folded first (:func:`igq.reparameterize`)
+    unless that was already done.
+    """
     from tqdm.auto import tqdm
+
+    config = getattr(prepared, CONFIG_ATTR, None)
+    if isinstance(config, IGQConfig) and config.reparam and getattr(prepared, REPARAM_ATTR, None) is None:
+        reparameterize(prepared)
 
     observing = [(n, q) for n, q in iter_quantizers(prepared) if q.observing]
     never_run = [n for n, q in observing if q.observer.num_instances == 0]
@@ -229,6 +240,8 @@ def quantize(
         calibration_data = list(calibration_data)  # run twice: calibration, then sensitivities
     prepared = prepare(model, config)
     calibrate(prepared, calibration_data, progress=progress)
+    if config.reparam:
+        reparameterize(prepared)  # before allocation, so sensitivities see the final quantizers
     if config.group_allocation == "bop":
         from .allocation import allocate
 

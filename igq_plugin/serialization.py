@@ -45,6 +45,8 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
         )
     config = IGQConfig.from_dict(ckpt["config"])
     qmodel = prepare(model, config, observe=False)
+    if config.reparam:
+        _add_folded_biases(qmodel, ckpt["state_dict"])
     missing, unexpected = qmodel.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -54,3 +56,13 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
     if ckpt.get("site_shapes"):
         setattr(qmodel, SHAPES_ATTR, ckpt["site_shapes"])
     return qmodel.eval()
+
+
+def _add_folded_biases(qmodel: nn.Module, state: dict) -> None:
+    """Reparameterization gives a bias-free Linear / LayerNorm a bias: create it before loading."""
+    modules = dict(qmodel.named_modules())
+    for key, value in state.items():
+        name, _, attr = key.rpartition(".")
+        module = modules.get(name)
+        if attr == "bias" and module is not None and "bias" in module._parameters and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros_like(value))

@@ -21,6 +21,15 @@ from .groups import (
     softmax_group_fake_quantize,
     softmax_group_quantize,
 )
+from .levels import (
+    DEFAULT_TANQ_STEEPNESS,
+    SOFTMAX_QUANTIZERS,
+    check_softmax_quantizer,
+    dequantize_probs,
+    quantize_probs,
+    softmax_level_table,
+    softmax_row_scale,
+)
 from .linear import int_grouped_linear
 from .metrics import cosine, sqnr_db
 from .quant import (
@@ -33,6 +42,14 @@ from .quant import (
     qrange,
     quantize,
     sym_qparams,
+)
+from .reparam import (
+    fold_layernorm,
+    fold_linear,
+    mean_target_scale,
+    mosf_target_scale,
+    reparam_factors,
+    reparam_ranges,
 )
 from .weight import default_weight_percentile, fake_quantize_weight, quantize_weight, weight_qparams
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .levels import DEFAULT_TANQ_STEEPNESS, dequantize_probs, quantize_probs, softmax_row_scale
 from .quant import asym_qparams, dequantize, qrange, quantize
 
 __all__ = [
@@ -110,29 +111,34 @@ def assign_rows(u: torch.Tensor, group_hi: torch.Tensor) -> torch.Tensor:
     return torch.argmin((u.unsqueeze(-1) - group_hi).abs(), dim=-1)
 
 
-def _row_scale(a: torch.Tensor, group_hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_scale(
+    a: torch.Tensor, group_hi: torch.Tensor, bits: int, levels: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     assignment = assign_rows(row_maxima(a), group_hi)
-    scale, _ = asym_qparams(torch.zeros_like(group_hi), group_hi, bits)  # unsigned on [0, u_g]
-    return scale[assignment].unsqueeze(-1), assignment
+    return softmax_row_scale(levels, group_hi, bits)[assignment].unsqueeze(-1), assignment
 
 
 def softmax_group_quantize(
-    a: torch.Tensor, group_hi: torch.Tensor, bits: int
+    a: torch.Tensor, group_hi: torch.Tensor, bits: int, levels: str = "uniform",
+    steepness: float = DEFAULT_TANQ_STEEPNESS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row-group quantization of attention probabilities a [..., N_q, N_k].
 
-    Returns (unsigned codes shaped like a, row assignment [..., N_q], per-row scale [..., N_q, 1]).
+    ``levels``: "uniform" (unsigned uniform on [0, u_g]), "log_sqrt2" or "tanq" (see
+    :mod:`igq_plugin.ops.levels`; ``steepness`` is TanQ's kappa). Returns (codes shaped like a,
+    row assignment [..., N_q], per-row factor s [..., N_q, 1]); a_hat = s * level_table[codes].
     """
-    s, assignment = _row_scale(a, group_hi, bits)
-    qmin, qmax = qrange(bits)
-    return quantize(a, s, 0.0, qmin, qmax), assignment, s
+    s, assignment = _row_scale(a, group_hi, bits, levels)
+    return quantize_probs(a, s, levels, bits, steepness), assignment, s
 
 
-def softmax_group_fake_quantize(a: torch.Tensor, group_hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake-quantize attention probabilities with static row groups (unsigned, [0, u_g])."""
-    s, _ = _row_scale(a.detach(), group_hi, bits)
-    qmin, qmax = qrange(bits)
-    a_hat = quantize(a, s, 0.0, qmin, qmax) * s
+def softmax_group_fake_quantize(
+    a: torch.Tensor, group_hi: torch.Tensor, bits: int, levels: str = "uniform",
+    steepness: float = DEFAULT_TANQ_STEEPNESS,
+) -> torch.Tensor:
+    """Fake-quantize attention probabilities with static row groups (range [0, u_g] per group)."""
+    codes, _, s = softmax_group_quantize(a.detach(), group_hi, bits, levels, steepness)
+    a_hat = dequantize_probs(codes, s, levels, bits, steepness)
     if a.requires_grad:
         return a + (a_hat - a).detach()
     return a_hat

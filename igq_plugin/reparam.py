@@ -1,0 +1,216 @@
+"""RepQ-ViT scale reparameterization of post-LayerNorm activations, on a calibrated prepared model.
+
+    prepared = igq.prepare(model, cfg)           # cfg.reparam = "repq" or "mosf"
+    igq.calibrate(prepared, data)                 # per-channel ranges of every Linear input
+    igq.reparameterize(prepared)                  # fold scales (igq.quantize and igq.convert call it)
+    qmodel = igq.convert(prepared)
+
+Which Linears a LayerNorm feeds is found by running one example through the model with hooks
+(a Linear whose input *is* a LayerNorm's output tensor), so timm blocks (norm1 -> attn.qkv,
+norm2 -> mlp.fc1), Swin, and Hugging Face models (layernorm_before -> query, key, value) are
+all covered without per-architecture tables. The float outputs on that example are compared
+before and after folding; a LayerNorm output that also feeds something other than those
+Linears changes them, and then nothing is folded and an error names the LayerNorms.
+The math is :mod:`igq_plugin.ops.reparam`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from ._inputs import model_device, to_device
+from .config import CONFIG_ATTR, IGQConfig
+from .modules import ActQuantizer, QuantLinear, fake_quant_disabled
+
+__all__ = ["reparameterize", "find_layernorm_consumers", "EXAMPLE_ATTR", "REPARAM_ATTR"]
+
+logger = logging.getLogger("igq_plugin")
+
+EXAMPLE_ATTR = "_igq_example_input"  # a few calibration instances kept by igq.calibrate
+REPARAM_ATTR = "igq_reparameterized"  # names of the LayerNorms folded
+_EXAMPLE_INSTANCES = 4
+_TARGETS = {"repq": ops.mean_target_scale, "mosf": ops.mosf_target_scale}
+
+
+def example_slice(inputs: Any) -> Any:
+    """The first few instances of a model input (Tensor or dict of Tensors) for later checks."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:_EXAMPLE_INSTANCES].detach()
+    if isinstance(inputs, Mapping):
+        return {k: v[:_EXAMPLE_INSTANCES].detach() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                for k, v in inputs.items()}
+    return inputs
+
+
+def _run(model: nn.Module, example: Any) -> Any:
+    example = to_device(example, model_device(model))
+    return model(**example) if isinstance(example, Mapping) else model(example)
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    return []
+
+
+@torch.no_grad()
+def find_layernorm_consumers(model: nn.Module, example: Any) -> dict[str, list[str]]:
+    """{LayerNorm name: names of the QuantLinears whose input is exactly that LayerNorm's output}."""
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    consumers: dict[str, list[str]] = {}
+    handles = []
+
+    def norm_hook(name):
+        def hook(_module, _args, out):
+            outputs[id(out)] = (name, out)  # the tensor is kept alive, so its id is not reused
+        return hook
+
+    def linear_hook(name):
+        def hook(_module, args):
+            if args and id(args[0]) in outputs and outputs[id(args[0])][1] is args[0]:
+                norm = outputs[id(args[0])][0]
+                if name not in consumers.setdefault(norm, []):
+                    consumers[norm].append(name)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            handles.append(module.register_forward_hook(norm_hook(name)))
+        elif isinstance(module, QuantLinear) and isinstance(module.input_quantizer, ActQuantizer):
+            handles.append(module.register_forward_pre_hook(linear_hook(name)))
+    try:
+        with fake_quant_disabled(model):
+            _run(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return consumers
+
+
+def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel (scale, zero point) of the LayerNorm output from its consumers' observers."""
+    lo = hi = None
+    bits = None
+    for linear in linears:
+        q = linear.input_quantizer
+        if q.observer is None or q.observer.num_instances == 0:
+            raise RuntimeError(
+                f"reparameterization of '{norm_name}' needs calibration ranges at site '{q.site}': run "
+                "igq.calibrate(prepared, data) first (reparameterize before igq.convert)"
+            )
+        l, h = q.observer.ranges()
+        l, h = l.amin(0), h.amax(0)
+        lo = l if lo is None else torch.minimum(lo, l)
+        hi = h if hi is None else torch.maximum(hi, h)
+        bits = q.bits if bits is None else max(bits, q.bits)
+    scale, zero_point = ops.asym_qparams(lo.double(), hi.double(), bits)
+    return scale, zero_point, bits
+
+
+@torch.no_grad()
+def reparameterize(
+    prepared: nn.Module, example_input: Any = None, *, target: Optional[str] = None, rtol: float = 1e-3
+) -> list[str]:
+    """Fold per-channel scales of post-LayerNorm activations into the LayerNorms and their Linears (in place).
+
+    prepared: a calibrated model from igq.prepare (observers still recording). example_input:
+    an input to find the LayerNorm -> Linear edges and check the float outputs on (default:
+    the first instances igq.calibrate kept). target: "repq" (mean scale) or "mosf" (MAD-guided);
+    default: the model's IGQConfig.reparam, else "repq". Afterwards every folded site's
+    activation is x~ = (x + s r2) / r1: a layer-wise site gets the exact layer-wise quantizer
+    (s~, z~); "igq" and "channel" sites refit their ranges on x~ (observed ranges are mapped
+    exactly). Weight quantizers of the folded Linears are recalibrated. Returns the LayerNorm names.
+    """
+    config = getattr(prepared, CONFIG_ATTR, None)
+    if target is None:
+        target = config.reparam if isinstance(config, IGQConfig) and config.reparam else "repq"
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {sorted(_TARGETS)}, got {target!r}")
+    if getattr(prepared, REPARAM_ATTR, None) is not None:
+        raise RuntimeError("this model is already reparameterized")
+    if example_input is None:
+        example_input = getattr(prepared, EXAMPLE_ATTR, None)
+        if example_input is None:
+            raise ValueError(
+                "reparameterize needs an example input: run igq.calibrate(prepared, data) (it keeps a few "
+                "instances) or pass example_input="
+            )
+    pairs = find_layernorm_consumers(prepared, example_input)
+    norms = dict(prepared.named_modules())
+    with fake_quant_disabled(prepared):
+        reference = [t.detach().clone() for t in _flat_outputs(_run(prepared, example_input))]
+    saved: list[tuple[nn.Module, str, Optional[torch.Tensor]]] = []
+    plans = []
+    for norm_name, linear_names in pairs.items():
+        norm = norms[norm_name]
+        if norm.weight is None:
+            logger.warning("LayerNorm '%s' has no affine weight: its output is not reparameterized", norm_name)
+            continue
+        linears = [norms[n] for n in linear_names]
+        scale, zero_point, bits = _channel_qparams(linears, norm_name)
+        target_scale = _TARGETS[target](scale)
+        target_zero = torch.round(zero_point.mean())
+        r1, r2 = ops.reparam_factors(scale, zero_point, target_scale, target_zero)
+        for module, attr in [(norm, "weight"), (norm, "bias")] + [(l, a) for l in linears for a in ("weight", "bias")]:
+            value = getattr(module, attr)
+            saved.append((module, attr, None if value is None else value.detach().clone()))
+        gamma, beta = ops.fold_layernorm(
+            norm.weight.double(), norm.bias.double() if norm.bias is not None else torch.zeros_like(scale), r1, r2, scale
+        )
+        _assign(norm, "weight", gamma)
+        _assign(norm, "bias", beta)
+        for linear in linears:
+            w, b = ops.fold_linear(linear.weight.double(), None if linear.bias is None else linear.bias.double(), r1, r2, scale)
+            _assign(linear, "weight", w)
+            _assign(linear, "bias", b)
+        plans.append((norm_name, linears, r1, r2, scale, target_scale, target_zero, bits))
+    with fake_quant_disabled(prepared):
+        folded = _flat_outputs(_run(prepared, example_input))
+    worst = max((float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(folded, reference)), default=0.0)
+    if worst > rtol:
+        for module, attr, value in saved:
+            if value is None:
+                setattr(module, attr, None)
+            else:
+                getattr(module, attr).data.copy_(value)
+        raise RuntimeError(
+            f"reparameterization changed the float outputs (relative error {worst:.2e} > {rtol:g}): the output of "
+            f"some LayerNorm in {sorted(pairs)} also feeds layers other than its Linears. Nothing was changed; skip "
+            "those Linears (IGQConfig.skip) or set reparam=None"
+        )
+    for norm_name, linears, r1, r2, scale, target_scale, target_zero, bits in plans:
+        for linear in linears:
+            _retarget_quantizer(linear.input_quantizer, r1, r2, scale, target_scale, target_zero)
+            linear.calibrate_weight()
+    setattr(prepared, REPARAM_ATTR, [p[0] for p in plans])
+    logger.info("reparameterized %d LayerNorm outputs (%s scale): %s", len(plans), target, ", ".join(p[0] for p in plans))
+    return [p[0] for p in plans]
+
+
+def _assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    current = getattr(module, attr)
+    if current is None:
+        ref = module.weight
+        setattr(module, attr, nn.Parameter(value.to(ref.dtype).to(ref.device), requires_grad=ref.requires_grad))
+    else:
+        current.data.copy_(value.to(current.dtype))
+
+
+def _retarget_quantizer(q: ActQuantizer, r1, r2, scale, target_scale, target_zero) -> None:
+    if q.scheme == "layer":
+        top = 2**q.bits - 1
+        lo = (-target_zero * target_scale).reshape(1)
+        hi = ((top - target_zero) * target_scale).reshape(1)
+        q.load_ranges(lo.float(), hi.float())  # exactly (s~, z~): the per-channel quantizer on x
+        q.observer = None
+        return
+    q.observer.remap(lambda lo, hi: ops.reparam_ranges(lo.double(), hi.double(), r1, r2, scale))
