@@ -64,5 +64,5 @@ def _add_folded_biases(qmodel: nn.Module, state: dict) -> None:
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
         module = modules.get(name)
-        if attr == "bias" and module is not None and "bias" in module._parameters and module.bias is None:
+        if attr == "bias" and module is not None and hasattr(module, "weight") and getattr(module, "bias", 0) is None:
             module.bias = nn.Parameter(torch.zeros_like(value))
