@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -56,10 +57,22 @@ def methods(groups: list[int], alloc_groups: list[int]) -> dict[str, tuple[str, 
     for g in alloc_groups:  # budget = BOPs of uniform G=g (IGQConfig.bop_budget=None)
         rows[f"IGQ + allocation, BOPs of G={g}"] = ("alloc", {"act_scheme": "igq", "num_groups": g,
                                                               "group_allocation": "bop"})
+    # RepQ-ViT / DopQ-ViT presets and IGQ with their post-softmax quantizers (IGQConfig presets)
+    rows["RepQ-ViT"] = ("repq", igq.IGQConfig.repq_vit)
+    rows["DopQ-ViT (MOSF + TanQ)"] = ("repq", igq.IGQConfig.dopq_vit)
+    rows["IGQ G=8 + TanQ"] = ("repq", {"act_scheme": "igq", "num_groups": 8, "softmax_quantizer": "tanq"})
+    rows["IGQ G=8 + log-sqrt2"] = ("repq", {"act_scheme": "igq", "num_groups": 8, "softmax_quantizer": "log_sqrt2"})
     return rows
 
 
-METHOD_CATEGORIES = ("layer", "percentile", "channel", "nncf", "igq", "alloc")
+METHOD_CATEGORIES = ("layer", "percentile", "channel", "nncf", "igq", "alloc", "repq")
+
+
+def make_config(fields, bits: int) -> igq.IGQConfig:
+    """The IGQConfig of a row at ``bits``: a preset (callable) or IGQConfig fields."""
+    if callable(fields):
+        return fields(bits)
+    return igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields)
 
 
 def nncf_quantize(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
@@ -165,12 +178,10 @@ def run(args) -> dict:
                 extra = {}
                 if fields is None:
                     qmodel = nncf_quantize(model, calib)
-                elif fields.get("group_allocation"):
-                    qmodel, extra = quantize_with_allocation(model, igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields),
-                                                             calib, task)
+                elif make_config(fields, bits).group_allocation:
+                    qmodel, extra = quantize_with_allocation(model, make_config(fields, bits), calib, task)
                 else:
-                    cfg = igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields)
-                    qmodel = igq.quantize(model, cfg, calib, progress=False)
+                    qmodel = igq.quantize(model, make_config(fields, bits), calib, progress=False)
                 calib_s = time.perf_counter() - t0
                 metrics = task.evaluate(qmodel, desc=f"{name} {method} W{bits}A{bits}")
                 sites = {} if fields is None else site_report(qmodel, task.site_inputs())
@@ -196,7 +207,7 @@ def method_order(cells: dict, model: str) -> list[str]:
     names = {c["method"] for c in cells.values() if c["model"] == model and c["method"] != "FP32"}
     base = [m for m in ("Layer-wise min-max", "Layer-wise percentile 99.99", "Static per-channel (reference)",
                         "NNCF nncf.quantize INT8") if m in names]
-    igq_rows = sorted((m for m in names if m.startswith("IGQ G=")), key=lambda m: int(m.split("=")[1]))
+    igq_rows = sorted((m for m in names if re.fullmatch(r"IGQ G=\d+", m)), key=lambda m: int(m.split("=")[1]))
     return base + igq_rows + sorted(names - set(base) - set(igq_rows))
 
 
@@ -265,7 +276,7 @@ def plot(results: dict, out: Path) -> None:
             ax.axhline(fp["top1"], color="k", ls="--", lw=1, label="FP32")
         ax.set_xlabel("bits (W = A)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_xticks([4, 6, 8])
+        ax.set_xticks(sorted({int(c["bits"][1]) for c in cells.values() if c["model"] == model and c["bits"] != "-"}))
         ax.set_title(MODEL_TITLES[model].split(",")[0], fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
@@ -346,7 +357,7 @@ def plot_groups(out: Path, site: str = "blocks.3.mlp.fc2", bits: int = 4, groups
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["dinov2", "fmnist-vit"], choices=["dinov2", "fmnist-vit"])
-    ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
+    ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4], help="W=A bits (default 8 6 4; 3 also works)")
     ap.add_argument("--groups", nargs="+", type=int, default=[4, 8, 12, 16])
     ap.add_argument("--methods", nargs="+", default=list(METHOD_CATEGORIES), choices=METHOD_CATEGORIES)
     ap.add_argument("--alloc-groups", nargs="+", type=int, default=[8, 12],

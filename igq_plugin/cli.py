@@ -4,6 +4,7 @@
     igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
     igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
     igq quantize ... --group-allocation bop              groups per site chosen under a BOP budget
+    igq quantize ... --preset repq-vit --w-bits 4        the RepQ-ViT baseline (or dopq-vit)
     igq report q.pt --model deit_tiny_patch16_224        per-site bits, groups, MACs, BOPs of a saved model
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ACT_SCHEMES, SENSITIVITY_METRICS, IGQConfig
+from .config import ACT_SCHEMES, REPARAMS, SENSITIVITY_METRICS, SOFTMAX_QUANTIZERS, IGQConfig
 
 logger = logging.getLogger("igq_plugin")
 
@@ -26,11 +27,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization config")
     g.add_argument("--config", type=Path, help="IGQConfig JSON file (flags below override its fields)")
+    g.add_argument("--preset", choices=["repq-vit", "dopq-vit"],
+                   help="start from IGQConfig.repq_vit / dopq_vit at --w-bits (flags below override its fields)")
     g.add_argument("--w-bits", type=int, help="weight bits of transformer-block Linears (2-8; default 4)")
     g.add_argument("--a-bits", type=int, help="activation bits (2-8; default 4)")
     g.add_argument("--groups", type=int, help="IGQ groups per site (default 8)")
     g.add_argument("--scheme", choices=ACT_SCHEMES, help="activation scheme (default igq)")
     g.add_argument("--softmax-groups", type=int, help="post-softmax row groups (default: --groups under igq)")
+    g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-softmax levels (default uniform)")
+    g.add_argument("--tanq-steepness", type=float, help="kappa of --softmax-quantizer tanq")
+    g.add_argument("--reparam", choices=[r for r in REPARAMS if r], help="fold post-LayerNorm channel scales (RepQ-ViT)")
     g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
     g.add_argument("--group-allocation", choices=["bop"], help="choose groups per site under a BOP budget (Eq. 9-10)")
     g.add_argument("--bop-budget", type=float, help="BOP budget: fraction of FP32 in (0, 1] or BOPs (default: uniform --groups)")
@@ -40,10 +46,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> IGQConfig:
-    base = IGQConfig.from_json(args.config.read_text()) if args.config else IGQConfig()
+    if args.config and args.preset:
+        raise ValueError("give --config or --preset, not both")
+    if args.preset:
+        bits = args.w_bits if args.w_bits is not None else 4
+        base = IGQConfig.repq_vit(bits) if args.preset == "repq-vit" else IGQConfig.dopq_vit(bits)
+    else:
+        base = IGQConfig.from_json(args.config.read_text()) if args.config else IGQConfig()
     changes = {
         "weight_bits": args.w_bits, "act_bits": args.a_bits, "num_groups": args.groups,
         "act_scheme": args.scheme, "softmax_groups": args.softmax_groups,
+        "softmax_quantizer": args.softmax_quantizer, "tanq_steepness": args.tanq_steepness, "reparam": args.reparam,
         "skip": tuple(args.skip) if args.skip else None,
         "group_allocation": args.group_allocation, "bop_budget": args.bop_budget,
         "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,

@@ -155,7 +155,7 @@ class IGQConfig:
         _check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
         if (isinstance(self.tanq_steepness, bool) or not isinstance(self.tanq_steepness, (int, float))
                 or not 0 < self.tanq_steepness < 1e6):
-            raise ValueError(f"tanq_steepness must be a positive number (e.g. 8.0), got {self.tanq_steepness!r}")
+            raise ValueError(f"tanq_steepness must be a positive number (e.g. 4.0), got {self.tanq_steepness!r}")
         check_softmax_quantizer(self.softmax_quantizer, self.tanq_steepness)
         _check_choice(self.reparam, "reparam", REPARAMS)
         _check_choice(self.range_update, "range_update", UPDATE_RULES)

@@ -27,11 +27,12 @@ def test_imagenet_path_on_a_fake_folder(tmp_path):
     torch.save({"state_dict": timm.create_model("vit_tiny_patch16_224").state_dict()}, tmp_path / "w.pth")
     out = tmp_path / "res"
     proc = _run(["accuracy.py", "--imagenet", str(tmp_path / "val"), "--timm-model", "vit_tiny_patch16_224",
-                 "--weights", str(tmp_path / "w.pth"), "--bits", "8", "--methods", "layer", "igq", "--groups", "4",
+                 "--weights", str(tmp_path / "w.pth"), "--bits", "8", "--methods", "layer", "igq", "repq", "--groups", "4",
                  "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = json.loads((out / "accuracy.json").read_text())["cells"]
-    assert set(cells) == {"imagenet|FP32|-", "imagenet|Layer-wise min-max|W8A8", "imagenet|IGQ G=4|W8A8"}
+    assert set(cells) == {"imagenet|FP32|-", "imagenet|Layer-wise min-max|W8A8", "imagenet|IGQ G=4|W8A8"} | {
+        f"imagenet|{row}|W8A8" for row in ("RepQ-ViT", "DopQ-ViT (MOSF + TanQ)", "IGQ G=8 + TanQ", "IGQ G=8 + log-sqrt2")}
     for cell in cells.values():
         assert cell["top1"] in (0.0, 25.0, 50.0, 75.0, 100.0)  # 4 images
     assert cells["imagenet|IGQ G=4|W8A8"]["cosine"] > 0.9

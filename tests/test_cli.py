@@ -21,6 +21,17 @@ def test_config_command_prints_valid_config(capsys):
     assert (cfg.weight_bits, cfg.act_bits, cfg.num_groups) == (6, 6, 12)
 
 
+def test_config_command_presets_and_softmax_levels(capsys):
+    assert main(["config", "--preset", "dopq-vit", "--w-bits", "6", "--tanq-steepness", "3"]) == 0
+    cfg = igq.IGQConfig.from_json(capsys.readouterr().out)
+    assert cfg == igq.IGQConfig.dopq_vit(6, tanq_steepness=3.0)
+    assert main(["config", "--softmax-quantizer", "log_sqrt2", "--reparam", "repq"]) == 0
+    cfg = igq.IGQConfig.from_json(capsys.readouterr().out)
+    assert (cfg.act_scheme, cfg.softmax_quantizer, cfg.reparam) == ("igq", "log_sqrt2", "repq")
+    assert main(["config", "--preset", "repq-vit", "--config", "x.json"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_config_command_rejects_bad_bits(capsys):
     assert main(["config", "--w-bits", "9"]) == 2
     assert "weight_bits must be in [2, 8]" in capsys.readouterr().err

@@ -203,6 +203,22 @@ def test_repq_equals_per_channel_quantization_of_post_ln_sites():
     assert float((y_repq - y_ref).norm()) < 1e-4 * float(noise)  # ... identically in both models
 
 
+def test_target_scale_cancels_in_the_quantized_model():
+    """The folding is exact, so the layer-wise scale (mean or MOSF) only sets the common scale of the
+    reparameterized activation; per-output-channel weight quantizers are invariant to it."""
+    model = _vit(depth=2)
+    model.blocks[0].norm1.weight.data[:4] *= 30  # outlier channels, which pull the mean scale up
+    x = torch.randn(6, 3, 64, 64)
+    q_mean = igq.quantize(model, igq.IGQConfig.repq_vit(4), x, progress=False)
+    q_mosf = igq.quantize(model, igq.IGQConfig.repq_vit(4, reparam="mosf"), x, progress=False)
+    s_mean = q_mean.blocks[0].attn.qkv.input_quantizer.qparams()[0]
+    s_mosf = q_mosf.blocks[0].attn.qkv.input_quantizer.qparams()[0]
+    assert float(s_mosf) < 0.9 * float(s_mean)  # MOSF does pick a different (smaller) layer-wise scale
+    with torch.no_grad():
+        y_fp, y_mean, y_mosf = model(x), q_mean(x), q_mosf(x)
+    assert float((y_mean - y_mosf).norm()) < 1e-3 * float((y_mean - y_fp).norm())
+
+
 def test_reparameterize_bias_free_qkv_and_save_load(tmp_path):
     model = _vit(qkv_bias=False)
     x = torch.randn(4, 3, 64, 64)
