@@ -207,6 +207,7 @@ def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
             quantizer.observer = None
             continue
         quantizer.fit()
+    prepared.__dict__.pop(EXAMPLE_ATTR, None)  # calibration instances are not part of the quantized model
     if never_run:
         logger.warning(
             "%d site(s) saw no calibration activations and stay uncalibrated (calling them raises): %s",

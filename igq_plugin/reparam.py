@@ -64,7 +64,10 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def find_layernorm_consumers(model: nn.Module, example: Any) -> dict[str, list[str]]:
-    """{LayerNorm name: names of the QuantLinears whose input is exactly that LayerNorm's output}."""
+    """{LayerNorm name: names of the QuantLinears whose input is exactly that LayerNorm's output}.
+
+    A LayerNorm whose output also feeds a Linear left in float (IGQConfig.skip) is left out.
+    """
     outputs: dict[int, tuple[str, torch.Tensor]] = {}
     consumers: dict[str, list[str]] = {}
     handles = []
@@ -74,29 +77,39 @@ def find_layernorm_consumers(model: nn.Module, example: Any) -> dict[str, list[s
             outputs[id(out)] = (name, out)  # the tensor is kept alive, so its id is not reused
         return hook
 
-    def linear_hook(name):
+    unfoldable: set[str] = set()
+
+    def linear_hook(name, quantized):
         def hook(_module, args):
             if args and id(args[0]) in outputs and outputs[id(args[0])][1] is args[0]:
                 norm = outputs[id(args[0])][0]
-                if name not in consumers.setdefault(norm, []):
+                if not quantized:
+                    unfoldable.add(norm)
+                elif name not in consumers.setdefault(norm, []):
                     consumers[norm].append(name)
         return hook
 
     for name, module in model.named_modules():
         if isinstance(module, nn.LayerNorm):
             handles.append(module.register_forward_hook(norm_hook(name)))
-        elif isinstance(module, QuantLinear) and isinstance(module.input_quantizer, ActQuantizer):
-            handles.append(module.register_forward_pre_hook(linear_hook(name)))
+        elif isinstance(module, QuantLinear):
+            handles.append(module.register_forward_pre_hook(
+                linear_hook(name, isinstance(module.input_quantizer, ActQuantizer))))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(linear_hook(name, False)))
     try:
         with fake_quant_disabled(model):
             _run(model, example)
     finally:
         for h in handles:
             h.remove()
-    return consumers
+    if unfoldable & set(consumers):
+        logger.info("LayerNorm output(s) also feeding a float Linear are not reparameterized: %s",
+                    ", ".join(sorted(unfoldable & set(consumers))))
+    return {norm: names for norm, names in consumers.items() if norm not in unfoldable}
 
 
-def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, zero point) of the LayerNorm output from its consumers' observers."""
     lo = hi = None
     bits = None
@@ -112,8 +125,7 @@ def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.
         lo = l if lo is None else torch.minimum(lo, l)
         hi = h if hi is None else torch.maximum(hi, h)
         bits = q.bits if bits is None else max(bits, q.bits)
-    scale, zero_point = ops.asym_qparams(lo.double(), hi.double(), bits)
-    return scale, zero_point, bits
+    return ops.asym_qparams(lo.double(), hi.double(), bits)
 
 
 @torch.no_grad()
@@ -148,31 +160,30 @@ def reparameterize(
     norms = dict(prepared.named_modules())
     with fake_quant_disabled(prepared):
         reference = [t.detach().clone() for t in _flat_outputs(_run(prepared, example_input))]
-    saved: list[tuple[nn.Module, str, Optional[torch.Tensor]]] = []
-    plans = []
+    plans = []  # everything that can fail runs before any parameter changes
     for norm_name, linear_names in pairs.items():
         norm = norms[norm_name]
         if norm.weight is None:
             logger.warning("LayerNorm '%s' has no affine weight: its output is not reparameterized", norm_name)
             continue
         linears = [norms[n] for n in linear_names]
-        scale, zero_point, bits = _channel_qparams(linears, norm_name)
+        scale, zero_point = _channel_qparams(linears, norm_name)
         target_scale = _TARGETS[target](scale)
         target_zero = torch.round(zero_point.mean())
         r1, r2 = ops.reparam_factors(scale, zero_point, target_scale, target_zero)
-        for module, attr in [(norm, "weight"), (norm, "bias")] + [(l, a) for l in linears for a in ("weight", "bias")]:
-            value = getattr(module, attr)
-            saved.append((module, attr, None if value is None else value.detach().clone()))
-        gamma, beta = ops.fold_layernorm(
-            norm.weight.double(), norm.bias.double() if norm.bias is not None else torch.zeros_like(scale), r1, r2, scale
-        )
+        plans.append((norm_name, norm, linears, r1, r2, scale, target_scale, target_zero))
+    saved = [(module, attr, None if getattr(module, attr) is None else getattr(module, attr).detach().clone())
+             for _, norm, linears, *_ in plans for module in [norm, *linears] for attr in ("weight", "bias")]
+    for _, norm, linears, r1, r2, scale, _, _ in plans:
+        beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale)
+        gamma, beta = ops.fold_layernorm(norm.weight.double(), beta, r1, r2, scale)
         _assign(norm, "weight", gamma)
         _assign(norm, "bias", beta)
         for linear in linears:
-            w, b = ops.fold_linear(linear.weight.double(), None if linear.bias is None else linear.bias.double(), r1, r2, scale)
-            _assign(linear, "weight", w)
-            _assign(linear, "bias", b)
-        plans.append((norm_name, linears, r1, r2, scale, target_scale, target_zero, bits))
+            bias = None if linear.bias is None else linear.bias.double()
+            weight, bias = ops.fold_linear(linear.weight.double(), bias, r1, r2, scale)
+            _assign(linear, "weight", weight)
+            _assign(linear, "bias", bias)
     with fake_quant_disabled(prepared):
         folded = _flat_outputs(_run(prepared, example_input))
     worst = max((float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(folded, reference)), default=0.0)
@@ -184,16 +195,17 @@ def reparameterize(
                 getattr(module, attr).data.copy_(value)
         raise RuntimeError(
             f"reparameterization changed the float outputs (relative error {worst:.2e} > {rtol:g}): the output of "
-            f"some LayerNorm in {sorted(pairs)} also feeds layers other than its Linears. Nothing was changed; skip "
-            "those Linears (IGQConfig.skip) or set reparam=None"
+            f"some LayerNorm in {sorted(pairs)} also feeds something other than Linear layers (e.g. a residual "
+            "add). Nothing was changed; skip the Linears after that LayerNorm (IGQConfig.skip) or set reparam=None"
         )
-    for norm_name, linears, r1, r2, scale, target_scale, target_zero, bits in plans:
+    for _, _, linears, r1, r2, scale, target_scale, target_zero in plans:
         for linear in linears:
             _retarget_quantizer(linear.input_quantizer, r1, r2, scale, target_scale, target_zero)
             linear.calibrate_weight()
-    setattr(prepared, REPARAM_ATTR, [p[0] for p in plans])
-    logger.info("reparameterized %d LayerNorm outputs (%s scale): %s", len(plans), target, ", ".join(p[0] for p in plans))
-    return [p[0] for p in plans]
+    names = [plan[0] for plan in plans]
+    setattr(prepared, REPARAM_ATTR, names)
+    logger.info("reparameterized %d LayerNorm outputs (%s scale): %s", len(names), target, ", ".join(names))
+    return names
 
 
 def _assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:

@@ -269,6 +269,14 @@ def test_reparameterize_refuses_shared_layernorm_output_and_changes_nothing():
         igq.quantize(model, igq.IGQConfig(weight_bits=6, act_bits=6, reparam="repq"), x, progress=False)
 
 
+def test_layernorm_feeding_a_skipped_linear_is_left_alone():
+    model = _vit(depth=2)
+    x = torch.randn(4, 3, 64, 64)
+    q = igq.quantize(model, igq.IGQConfig.repq_vit(6, skip=("blocks.0.attn.qkv",)), x, progress=False)
+    assert q.igq_reparameterized == ["blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2"]
+    assert torch.equal(q.blocks[0].norm1.weight, model.blocks[0].norm1.weight)
+
+
 def test_reparameterize_needs_calibration():
     model = _vit()
     prepared = igq.prepare(model, igq.IGQConfig(reparam="repq"))

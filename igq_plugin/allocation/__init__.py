@@ -21,6 +21,7 @@ from torch import nn
 from ..config import CONFIG_ATTR
 from .._inputs import check_calibration_data, model_device, model_input, to_device
 from ..modules import ActQuantizer, QuantLinear, SoftmaxQuantizer, fake_quant_disabled
+from ..reparam import REPARAM_ATTR, reparameterize
 from .cost import CostReport, SiteCost, _first_tensor, record_site_shapes, site_costs
 from .sensitivity import METRICS, find_blocks, output_distance, site_sensitivity
 from .solver import InfeasibleBudgetError, min_feasible_budget, solve_multiple_choice_knapsack
@@ -160,6 +161,8 @@ def allocate(
     config = getattr(prepared, CONFIG_ATTR, None) if config is None else config
     if config is None:
         raise ValueError("allocate needs the IGQConfig: pass config= or use a model from igq.prepare")
+    if config.reparam and getattr(prepared, REPARAM_ATTR, None) is None:
+        reparameterize(prepared)  # sensitivities must see the final (reparameterized) quantizers
     sites = allocatable_sites(prepared, config)
     unseen = [n for n, (_, q) in sites.items() if q.observer is not None and q.observer.num_instances == 0]
     if unseen:
