@@ -36,7 +36,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--softmax-groups", type=int, help="post-softmax row groups (default: --groups under igq)")
     g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="post-softmax levels (default uniform)")
     g.add_argument("--tanq-steepness", type=float, help="kappa of --softmax-quantizer tanq")
-    g.add_argument("--reparam", choices=[r for r in REPARAMS if r], help="fold post-LayerNorm channel scales (RepQ-ViT)")
+    g.add_argument("--reparam", choices=[r for r in REPARAMS if r] + ["none"],
+                   help="fold post-LayerNorm channel scales (RepQ-ViT); none switches a preset's off")
     g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
     g.add_argument("--group-allocation", choices=["bop"], help="choose groups per site under a BOP budget (Eq. 9-10)")
     g.add_argument("--bop-budget", type=float, help="BOP budget: fraction of FP32 in (0, 1] or BOPs (default: uniform --groups)")
@@ -62,7 +63,10 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
         "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,
         "sensitivity_metric": args.sensitivity_metric, "sensitivity_images": args.sensitivity_images,
     }
-    return base.replace(**{k: v for k, v in changes.items() if v is not None})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes.get("reparam") == "none":
+        changes["reparam"] = None
+    return base.replace(**changes)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

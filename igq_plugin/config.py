@@ -78,7 +78,8 @@ class IGQConfig:
             The site's per-channel quantizer (calibration min/max at act_bits) becomes exactly one
             layer-wise quantizer (act_scheme "layer"), or IGQ groups are fitted on the
             reparameterized activation (act_scheme "igq"). The layer-wise scale is the mean of the
-            channel scales ("repq") or DopQ-ViT's MAD-guided scale ("mosf"). FP outputs are unchanged.
+            channel scales ("repq") or DopQ-ViT's MAD-guided scale ("mosf"). The float outputs are
+            checked unchanged (relative error <= 1e-3) on calibration instances.
     Calibration
         range_update: range rule of the fitted groups, one of "envelope", "mean",
             "quantile" (default; see igq_plugin.calibration).

@@ -6,16 +6,22 @@
     qmodel = igq.convert(prepared)
 
 Which Linears a LayerNorm feeds is found by running one example through the model with hooks
-(a Linear whose input *is* a LayerNorm's output tensor), so timm blocks (norm1 -> attn.qkv,
-norm2 -> mlp.fc1), Swin, and Hugging Face models (layernorm_before -> query, key, value) are
-all covered without per-architecture tables. The float outputs on that example are compared
+(a Linear whose input *is* a LayerNorm's output tensor), so timm ViT/DeiT/DINOv2 blocks
+(norm1 -> attn.qkv, norm2 -> mlp.fc1) and Hugging Face models (norm1 -> query, key, value) are
+covered without per-architecture tables. In Swin blocks only norm2 -> mlp.fc1 qualifies: norm1's
+output is shifted, padded and split into windows before qkv (zero padding would not survive the
+fold), so it stays as it is. The float outputs on that example are compared
 before and after folding; a LayerNorm output that also feeds something other than those
-Linears changes them, and then nothing is folded and an error names the LayerNorms.
+Linears changes them, and then nothing is folded and an error lists the candidate LayerNorms.
+After folding, a layer-wise site holds its final quantizer (calibrated, not observing; an
+``act_percentile`` does not apply to it), and "igq" / "channel" sites keep observing.
 The math is :mod:`igq_plugin.ops.reparam`.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -38,11 +44,16 @@ _TARGETS = {"repq": ops.mean_target_scale, "mosf": ops.mosf_target_scale}
 
 
 def example_slice(inputs: Any) -> Any:
-    """The first few instances of a model input (Tensor or dict of Tensors) for later checks."""
+    """A copy of the first few instances of a model input (Tensor or dict of Tensors) for later checks.
+
+    In a dict, only tensors whose first dimension is the batch size are sliced.
+    """
     if isinstance(inputs, torch.Tensor):
-        return inputs[:_EXAMPLE_INSTANCES].detach()
+        return inputs[:_EXAMPLE_INSTANCES].detach().clone()
     if isinstance(inputs, Mapping):
-        return {k: v[:_EXAMPLE_INSTANCES].detach() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        return {k: v[:_EXAMPLE_INSTANCES].detach().clone()
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
                 for k, v in inputs.items()}
     return inputs
 
@@ -124,8 +135,11 @@ def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.
         l, h = l.amin(0), h.amax(0)
         lo = l if lo is None else torch.minimum(lo, l)
         hi = h if hi is None else torch.maximum(hi, h)
-        bits = q.bits if bits is None else max(bits, q.bits)
-    return ops.asym_qparams(lo.double(), hi.double(), bits)
+        if bits is not None and q.bits != bits:
+            raise ValueError(f"the Linears after '{norm_name}' quantize their input at different bits; "
+                             "reparameterization needs one bit width per LayerNorm output")
+        bits = q.bits
+    return ops.reparam_channel_qparams(lo.double(), hi.double(), bits)
 
 
 @torch.no_grad()
@@ -169,11 +183,54 @@ def reparameterize(
         linears = [norms[n] for n in linear_names]
         scale, zero_point = _channel_qparams(linears, norm_name)
         target_scale = _TARGETS[target](scale)
-        target_zero = torch.round(zero_point.mean())
+        target_zero = ops.reparam_target_zero_point(zero_point, linears[0].input_quantizer.bits)
         r1, r2 = ops.reparam_factors(scale, zero_point, target_scale, target_zero)
-        plans.append((norm_name, norm, linears, r1, r2, scale, target_scale, target_zero))
+        device = norm.weight.device
+        plans.append((norm_name, norm, linears, r1.to(device), r2.to(device), scale.to(device), target_scale, target_zero))
     saved = [(module, attr, None if getattr(module, attr) is None else getattr(module, attr).detach().clone())
              for _, norm, linears, *_ in plans for module in [norm, *linears] for attr in ("weight", "bias")]
+    quantizers = [linear.input_quantizer for _, _, linears, *_ in plans for linear in linears]
+    saved_quantizers = [(q, q.lo.clone(), q.hi.clone(), q.calibrated.clone(), q.observer, copy.copy(q.observer))
+                        for q in quantizers]
+    try:
+        _fold(plans)
+        with fake_quant_disabled(prepared):
+            folded = _flat_outputs(_run(prepared, example_input))
+        if not folded or len(folded) != len(reference):
+            raise RuntimeError("reparameterize could not compare the model's outputs (no tensor outputs)")
+        worst = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(folded, reference))
+        if not math.isfinite(worst) or worst > rtol:
+            raise RuntimeError(
+                f"reparameterization changed the float outputs (relative error {worst:.2e} > {rtol:g}): the output "
+                f"of some LayerNorm in {sorted(pairs)} also feeds something other than Linear layers (e.g. a residual "
+                "add). Nothing was changed; skip the Linears after that LayerNorm (IGQConfig.skip) or set reparam=None"
+            )
+        for _, _, linears, r1, r2, scale, target_scale, target_zero in plans:
+            for linear in linears:
+                _retarget_quantizer(linear.input_quantizer, r1, r2, scale, target_scale, target_zero)
+                linear.calibrate_weight()
+    except BaseException:
+        for module, attr, value in saved:
+            if value is None:
+                setattr(module, attr, None)
+            else:
+                getattr(module, attr).data.copy_(value)
+        for q, lo, hi, calibrated, observer, observer_copy in saved_quantizers:
+            q.lo, q.hi = lo, hi
+            q.calibrated.copy_(calibrated)
+            q.observer = observer
+            if observer is not None:
+                observer.__dict__.update(observer_copy.__dict__)  # undo a remap
+        for linear in {id(l): l for _, _, linears, *_ in plans for l in linears}.values():
+            linear.calibrate_weight()
+        raise
+    names = [plan[0] for plan in plans]
+    setattr(prepared, REPARAM_ATTR, names)
+    logger.info("reparameterized %d LayerNorm outputs (%s scale): %s", len(names), target, ", ".join(names))
+    return names
+
+
+def _fold(plans) -> None:
     for _, norm, linears, r1, r2, scale, _, _ in plans:
         beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale)
         gamma, beta = ops.fold_layernorm(norm.weight.double(), beta, r1, r2, scale)
@@ -184,28 +241,6 @@ def reparameterize(
             weight, bias = ops.fold_linear(linear.weight.double(), bias, r1, r2, scale)
             _assign(linear, "weight", weight)
             _assign(linear, "bias", bias)
-    with fake_quant_disabled(prepared):
-        folded = _flat_outputs(_run(prepared, example_input))
-    worst = max((float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(folded, reference)), default=0.0)
-    if worst > rtol:
-        for module, attr, value in saved:
-            if value is None:
-                setattr(module, attr, None)
-            else:
-                getattr(module, attr).data.copy_(value)
-        raise RuntimeError(
-            f"reparameterization changed the float outputs (relative error {worst:.2e} > {rtol:g}): the output of "
-            f"some LayerNorm in {sorted(pairs)} also feeds something other than Linear layers (e.g. a residual "
-            "add). Nothing was changed; skip the Linears after that LayerNorm (IGQConfig.skip) or set reparam=None"
-        )
-    for _, _, linears, r1, r2, scale, target_scale, target_zero in plans:
-        for linear in linears:
-            _retarget_quantizer(linear.input_quantizer, r1, r2, scale, target_scale, target_zero)
-            linear.calibrate_weight()
-    names = [plan[0] for plan in plans]
-    setattr(prepared, REPARAM_ATTR, names)
-    logger.info("reparameterized %d LayerNorm outputs (%s scale): %s", len(names), target, ", ".join(names))
-    return names
 
 
 def _assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -219,10 +254,9 @@ def _assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:
 
 def _retarget_quantizer(q: ActQuantizer, r1, r2, scale, target_scale, target_zero) -> None:
     if q.scheme == "layer":
-        top = 2**q.bits - 1
-        lo = (-target_zero * target_scale).reshape(1)
-        hi = ((top - target_zero) * target_scale).reshape(1)
-        q.load_ranges(lo.float(), hi.float())  # exactly (s~, z~): the per-channel quantizer on x
+        lo, hi = ops.asym_range(target_scale, target_zero, q.bits)
+        q.load_ranges(lo.reshape(1).float(), hi.reshape(1).float())  # (s~, z~): the per-channel quantizer on x
         q.observer = None
         return
+    r1, r2, scale = (t.cpu() for t in (r1, r2, scale))  # observers keep their statistics on the CPU
     q.observer.remap(lambda lo, hi: ops.reparam_ranges(lo.double(), hi.double(), r1, r2, scale))

@@ -10,6 +10,7 @@ from torch import nn
 from .allocation.cost import SHAPES_ATTR
 from .config import IGQConfig
 from .quantize import CONFIG_ATTR, prepare
+from .reparam import REPARAM_ATTR
 
 __all__ = ["save", "load", "FORMAT"]
 
@@ -27,6 +28,8 @@ def save(qmodel: nn.Module, path: Union[str, os.PathLike]) -> None:
     shapes = getattr(qmodel, SHAPES_ATTR, None)
     if shapes:
         ckpt["site_shapes"] = shapes  # per-instance shapes for igq.report (plain ints and strings)
+    if getattr(qmodel, REPARAM_ATTR, None) is not None:
+        ckpt["reparameterized"] = list(getattr(qmodel, REPARAM_ATTR))
     torch.save(ckpt, path)
 
 
@@ -45,8 +48,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
         )
     config = IGQConfig.from_dict(ckpt["config"])
     qmodel = prepare(model, config, observe=False)
-    if config.reparam:
-        _add_folded_biases(qmodel, ckpt["state_dict"])
+    _add_folded_biases(qmodel, ckpt["state_dict"])
     missing, unexpected = qmodel.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -55,6 +57,8 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
         )
     if ckpt.get("site_shapes"):
         setattr(qmodel, SHAPES_ATTR, ckpt["site_shapes"])
+    if "reparameterized" in ckpt:
+        setattr(qmodel, REPARAM_ATTR, list(ckpt["reparameterized"]))
     return qmodel.eval()
 
 
@@ -65,4 +69,4 @@ def _add_folded_biases(qmodel: nn.Module, state: dict) -> None:
         name, _, attr = key.rpartition(".")
         module = modules.get(name)
         if attr == "bias" and module is not None and hasattr(module, "weight") and getattr(module, "bias", 0) is None:
-            module.bias = nn.Parameter(torch.zeros_like(value))
+            module.bias = nn.Parameter(torch.zeros(value.shape, dtype=module.weight.dtype, device=module.weight.device))

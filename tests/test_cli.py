@@ -28,6 +28,8 @@ def test_config_command_presets_and_softmax_levels(capsys):
     assert main(["config", "--softmax-quantizer", "log_sqrt2", "--reparam", "repq"]) == 0
     cfg = igq.IGQConfig.from_json(capsys.readouterr().out)
     assert (cfg.act_scheme, cfg.softmax_quantizer, cfg.reparam) == ("igq", "log_sqrt2", "repq")
+    assert main(["config", "--preset", "repq-vit", "--reparam", "none"]) == 0
+    assert igq.IGQConfig.from_json(capsys.readouterr().out).reparam is None
     assert main(["config", "--preset", "repq-vit", "--config", "x.json"]) == 2
     assert "not both" in capsys.readouterr().err
 

@@ -301,3 +301,91 @@ def test_reparameterize_hf_dinov2_query_key_value():
     assert len(qkv) == 3 and all(n.startswith("encoder.layer.0.attention.") for n in qkv)
     assert consumers["encoder.layer.0.norm2"] == ["encoder.layer.0.mlp.fc1"]
     assert len(norms) == 4
+
+
+def test_convert_reparameterizes_and_drops_the_kept_instances():
+    model = _vit(depth=2)
+    x = torch.randn(4, 3, 64, 64)
+    prepared = igq.prepare(model, igq.IGQConfig.repq_vit(6))
+    igq.calibrate(prepared, x, progress=False)
+    assert igq.reparam.EXAMPLE_ATTR in prepared.__dict__
+    qmodel = igq.convert(prepared, progress=False)
+    assert len(qmodel.igq_reparameterized) == 4
+    assert igq.reparam.EXAMPLE_ATTR not in qmodel.__dict__
+    with torch.no_grad():
+        assert float(ops.cosine(model(x), qmodel(x))) > 0.95
+
+
+def test_constant_channels_keep_the_fold_exact():
+    model = _vit(depth=2)
+    model.blocks[0].norm1.weight.data[:3] = 0.0  # channels that are the constant beta
+    x = torch.randn(4, 3, 64, 64)
+    qmodel = igq.quantize(model, igq.IGQConfig.repq_vit(6), x, progress=False)  # checks FP outputs internally
+    site = qmodel.blocks[0].attn.qkv.input_quantizer
+    scale, zero_point = site.qparams()
+    assert 0 <= float(zero_point) <= 63 and float(scale) > 1e-4
+    with torch.no_grad():
+        assert float(ops.cosine(model(x), qmodel(x))) > 0.95
+
+
+def test_failure_after_folding_restores_weights_and_observers(monkeypatch):
+    model = _vit(depth=2)
+    x = torch.randn(4, 3, 64, 64)
+    prepared = igq.prepare(model, igq.IGQConfig(weight_bits=6, act_bits=6, reparam="repq"))
+    igq.calibrate(prepared, x, progress=False)
+    snapshot = {k: v.clone() for k, v in prepared.state_dict().items()}
+    site = prepared.blocks[1].mlp.fc1.input_quantizer
+    ranges = [t.clone() for t in site.observer.ranges()]
+    calls = []
+    original = igq.reparam._retarget_quantizer
+
+    def flaky(q, *args):
+        calls.append(q.site)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # e.g. the user interrupts half-way
+        return original(q, *args)
+
+    monkeypatch.setattr(igq.reparam, "_retarget_quantizer", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        igq.reparameterize(prepared)
+    assert all(torch.equal(v, snapshot[k]) for k, v in prepared.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(site.observer.ranges(), ranges))
+    assert prepared.blocks[0].attn.qkv.input_quantizer.observer.ranges()[0].shape == ranges[0].shape
+    monkeypatch.undo()
+    assert len(igq.reparameterize(prepared)) == 4  # a clean retry works
+
+
+class _BiasFreeNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16, bias=False)
+        self.fc = nn.Linear(16, 8, bias=False)
+        nn.init.normal_(self.norm.weight, 1.0, 0.8)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+def test_bias_free_layernorm_and_linear_save_load_after_explicit_reparameterize(tmp_path):
+    model = _BiasFreeNorm().eval()
+    x = torch.randn(4, 5, 16) + torch.linspace(-2, 2, 16)
+    prepared = igq.prepare(model, igq.IGQConfig(weight_bits=6, act_bits=6, act_scheme="layer"))  # reparam=None
+    igq.calibrate(prepared, x, progress=False)
+    assert igq.reparameterize(prepared) == ["norm"]
+    qmodel = igq.convert(prepared, progress=False)
+    assert qmodel.norm.bias is not None and qmodel.fc.bias is not None
+    assert model.norm.bias is None and model.fc.bias is None  # the user's model is untouched
+    igq.save(qmodel, tmp_path / "q.pt")
+    loaded = igq.load(tmp_path / "q.pt", model)
+    assert loaded.igq_reparameterized == ["norm"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+
+
+def test_allocation_with_reparameterization():
+    model = _vit(depth=2)
+    x = torch.randn(4, 3, 64, 64)
+    cfg = igq.IGQConfig(weight_bits=6, act_bits=6, reparam="repq", group_allocation="bop",
+                        allocation_candidates=(1, 4, 8))
+    qmodel = igq.quantize(model, cfg, x, progress=False)
+    assert len(qmodel.igq_reparameterized) == 4 and qmodel.igq_allocation is not None

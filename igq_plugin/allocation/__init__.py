@@ -162,7 +162,7 @@ def allocate(
     if config is None:
         raise ValueError("allocate needs the IGQConfig: pass config= or use a model from igq.prepare")
     if config.reparam and getattr(prepared, REPARAM_ATTR, None) is None:
-        reparameterize(prepared)  # sensitivities must see the final (reparameterized) quantizers
+        reparameterize(prepared, target=config.reparam)  # sensitivities must see the final quantizers
     sites = allocatable_sites(prepared, config)
     unseen = [n for n, (_, q) in sites.items() if q.observer is not None and q.observer.num_instances == 0]
     if unseen:

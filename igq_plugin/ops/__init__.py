@@ -36,6 +36,7 @@ from .quant import (
     MAX_BITS,
     MIN_BITS,
     asym_qparams,
+    asym_range,
     check_bits,
     dequantize,
     fake_quantize,
@@ -48,8 +49,10 @@ from .reparam import (
     fold_linear,
     mean_target_scale,
     mosf_target_scale,
+    reparam_channel_qparams,
     reparam_factors,
     reparam_ranges,
+    reparam_target_zero_point,
 )
 from .weight import default_weight_percentile, fake_quantize_weight, quantize_weight, weight_qparams
 

@@ -88,5 +88,7 @@ def dequantize_probs(
     codes: torch.Tensor, s: torch.Tensor, kind: str, bits: int, steepness: float = DEFAULT_TANQ_STEEPNESS
 ) -> torch.Tensor:
     """``s * table[codes]``."""
+    if kind == "uniform":
+        return codes * s  # table[k] = k
     table = softmax_level_table(kind, bits, steepness).to(device=codes.device, dtype=codes.dtype)
     return s * table[codes.long()]

@@ -21,6 +21,7 @@ __all__ = [
     "qrange",
     "asym_qparams",
     "sym_qparams",
+    "asym_range",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -55,6 +56,11 @@ def asym_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
     zero_point = torch.round(-lo / scale)
     return scale, zero_point
+
+
+def asym_range(scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [lo, hi] = [-z s, (2^b - 1 - z) s] whose asymmetric quantizer is (scale, zero_point)."""
+    return -zero_point * scale, (2**bits - 1 - zero_point) * scale
 
 
 def sym_qparams(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

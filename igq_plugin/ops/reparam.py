@@ -16,7 +16,30 @@ from __future__ import annotations
 
 import torch
 
+from .quant import asym_qparams
+
+# A channel narrower than this fraction of the median channel width (e.g. a constant channel) is
+# widened to it: its scale would otherwise be the 1e-8 floor and r1 ~ 1e-8 would wreck the fold.
+_MIN_RELATIVE_WIDTH = 1e-3
+
+
+def reparam_channel_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, zero point) [C] of calibration ranges [C] at ``bits``, degenerate channels widened."""
+    width = hi - lo
+    floor = width.median() * _MIN_RELATIVE_WIDTH
+    if float(floor) <= 0:
+        floor = torch.clamp(width.max() * _MIN_RELATIVE_WIDTH, min=1e-6)
+    return asym_qparams(lo, torch.maximum(hi, lo + floor), bits)
+
+
+def reparam_target_zero_point(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """RepQ-ViT's layer-wise zero point: the rounded mean of the channel zero points (clipped to the
+    code range first, so no single far-off channel moves it). Any integer keeps the fold exact."""
+    return torch.round(zero_point.clamp(0, 2**bits - 1).mean())
+
 __all__ = [
+    "reparam_channel_qparams",
+    "reparam_target_zero_point",
     "reparam_factors",
     "fold_layernorm",
     "fold_linear",
