@@ -21,6 +21,7 @@ from .groups import (
     softmax_group_fake_quantize,
     softmax_group_quantize,
 )
+from .gptq import compensated_target, gptq_quantize, hessian_error, input_correlations, round_to_nearest
 from .levels import (
     DEFAULT_TANQ_STEEPNESS,
     SOFTMAX_QUANTIZERS,
@@ -54,6 +55,6 @@ from .reparam import (
     reparam_ranges,
     reparam_target_zero_point,
 )
-from .weight import default_weight_percentile, fake_quantize_weight, quantize_weight, weight_qparams
+from .weight import default_weight_percentile, fake_quantize_weight, mse_weight_qparams, quantize_weight, weight_qparams
 
 __all__ = [name for name in dir() if not name.startswith("_")]

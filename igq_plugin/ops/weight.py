@@ -9,7 +9,7 @@ import torch
 
 from .quant import asym_qparams, fake_quantize, qrange, quantize
 
-__all__ = ["default_weight_percentile", "weight_qparams", "quantize_weight", "fake_quantize_weight"]
+__all__ = ["default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "fake_quantize_weight"]
 
 
 _QUANTILE_MAX_NUMEL = 2**24
@@ -41,6 +41,32 @@ def weight_qparams(w: torch.Tensor, bits: int, percentile: float = 0.0) -> tuple
         rows = max(1, _QUANTILE_MAX_NUMEL // flat.shape[1])  # torch.quantile caps its input size
         lo, hi = torch.cat([torch.quantile(chunk, q, dim=1) for chunk in flat.split(rows)], dim=1)
     return asym_qparams(lo, hi, bits)
+
+
+def mse_weight_qparams(
+    w: torch.Tensor, bits: int, *, grid: int = 80, min_ratio: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (scale, zero point) [O] minimizing the channel's squared rounding error.
+
+    Candidates shrink each channel's [min, max] by ratios 1 .. ``min_ratio`` (``grid`` steps); the
+    ratio 1 (min-max) is among them, so the error is never above min-max rounding.
+    """
+    if not 0.0 < min_ratio <= 1.0 or grid < 1:
+        raise ValueError(f"need 0 < min_ratio <= 1 and grid >= 1, got min_ratio={min_ratio}, grid={grid}")
+    flat = _flat(w).float()
+    lo0, hi0 = torch.aminmax(flat, dim=1)
+    lo0, hi0 = lo0.clamp(max=0.0), hi0.clamp(min=0.0)  # keep zero representable
+    qmin, qmax = qrange(bits)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_scale, best_zero = asym_qparams(lo0, hi0, bits)
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+        scale, zero_point = asym_qparams(lo0 * ratio, hi0 * ratio, bits)
+        err = (fake_quantize(flat, scale[:, None], zero_point[:, None], qmin, qmax) - flat).pow(2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero_point, best_zero)
+    return best_scale, best_zero
 
 
 def _per_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
