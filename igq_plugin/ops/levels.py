@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 SOFTMAX_QUANTIZERS = ("uniform", "log_sqrt2", "tanq")
-DEFAULT_TANQ_STEEPNESS = 4.0  # best of 2, 3, 4, 8, 16, 32 on DINOv2-S W4A4 (feature cosine; README)
+DEFAULT_TANQ_STEEPNESS = 4.0  # best of 2, 3, 4, 8, 16, 32 on DINOv2-S W4A4 (benchmarks/results/softmax_levels.md)
 
 
 def check_softmax_quantizer(kind: str, steepness: float = DEFAULT_TANQ_STEEPNESS) -> None:
