@@ -90,6 +90,8 @@ class IGQConfig:
             (100-p)-th / p-th percentile of the calibration values (e.g. 99.99) instead of
             min / max. None (default): min-max. Not used by "channel" / "igq" sites.
     Weights
+        weight_clipping: "percentile" (default; ``weight_percentile``) or "mse": per output channel, the
+            clipping range minimizing the channel's squared rounding error (igq_plugin.ops.mse_weight_qparams).
         weight_percentile: clipping eps in percent per output channel (None: 5e-2 at <= 4 bits,
             1e-3 at 5-6 bits, 0 = min-max at 7-8 bits).
     Sites
@@ -128,6 +130,7 @@ class IGQConfig:
     range_quantile: float = DEFAULT_QUANTILE
     kmeans_iters: int = 100
     act_percentile: Optional[float] = None
+    weight_clipping: str = "percentile"
     weight_percentile: Optional[float] = None
     skip: tuple[str, ...] = ()
     embed_patterns: tuple[str, ...] = ("*patch_embed*",)
@@ -168,6 +171,7 @@ class IGQConfig:
                 raise TypeError(f"act_percentile must be a float in (50, 100] percent or None, got {self.act_percentile!r}")
             if not 50.0 < self.act_percentile <= 100.0:
                 raise ValueError(f"act_percentile must be in (50, 100] percent (e.g. 99.99), got {self.act_percentile}")
+        _check_choice(self.weight_clipping, "weight_clipping", ("percentile", "mse"))
         if self.weight_percentile is not None:
             if isinstance(self.weight_percentile, bool) or not isinstance(self.weight_percentile, (int, float)):
                 raise TypeError(f"weight_percentile must be a float in [0, 50) percent, got {self.weight_percentile!r}")

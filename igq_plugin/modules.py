@@ -42,6 +42,8 @@ __all__ = [
 
 logger = logging.getLogger("igq_plugin")
 
+WEIGHT_CLIPPINGS = ("percentile", "mse")
+
 
 class _Quantizer(nn.Module):
     """Shared life cycle: observer attribute + ``calibrated`` buffer."""
@@ -276,17 +278,23 @@ class SoftmaxQuantizer(_Quantizer):
 class _QuantWeightMixin:
     """Per-output-channel weight fake-quantization from buffers weight_scale / weight_zero_point."""
 
-    def _init_weight_quant(self, w_bits: int, out_channels: int, percentile: float) -> None:
+    def _init_weight_quant(self, w_bits: int, out_channels: int, percentile: float, clipping: str = "percentile") -> None:
         self.w_bits = ops.check_bits(w_bits, "w_bits")
+        if clipping not in WEIGHT_CLIPPINGS:
+            raise ValueError(f"weight clipping must be one of {WEIGHT_CLIPPINGS}, got {clipping!r}")
         self.weight_percentile = percentile
+        self.weight_clipping = clipping
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("weight_zero_point", torch.zeros(out_channels))
         self.register_buffer("weight_calibrated", torch.tensor(False))
         self.weight_fake_quant_enabled = True
 
     def calibrate_weight(self) -> None:
-        """Set the weight quantizer from the current weights (percentile clipping)."""
-        scale, zero_point = ops.weight_qparams(self.weight, self.w_bits, self.weight_percentile)
+        """Set the weight quantizer from the current weights (percentile or MSE-optimal clipping)."""
+        if self.weight_clipping == "mse":
+            scale, zero_point = ops.mse_weight_qparams(self.weight, self.w_bits)
+        else:
+            scale, zero_point = ops.weight_qparams(self.weight, self.w_bits, self.weight_percentile)
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
         self.weight_calibrated.fill_(True)
@@ -316,6 +324,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         *,
         w_bits: int = 4,
         weight_percentile: float = 0.0,
+        weight_clipping: str = "percentile",
         input_quantizer: Optional[ActQuantizer] = None,
     ) -> None:
         super().__init__()
@@ -323,7 +332,7 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._init_weight_quant(w_bits, out_features, weight_percentile)
+        self._init_weight_quant(w_bits, out_features, weight_percentile, weight_clipping)
         self.input_quantizer = input_quantizer
 
     @classmethod
@@ -346,7 +355,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Module):
     """A Conv2d (e.g. the patch embedding) with a per-tensor input quantizer and per-channel weights."""
 
     def __init__(
-        self, conv: nn.Conv2d, *, w_bits: int = 8, weight_percentile: float = 0.0,
+        self, conv: nn.Conv2d, *, w_bits: int = 8, weight_percentile: float = 0.0, weight_clipping: str = "percentile",
         input_quantizer: Optional[ActQuantizer] = None,
     ) -> None:
         super().__init__()
@@ -357,7 +366,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Module):
         self.dilation, self.groups = conv.dilation, conv.groups
         self.weight = conv.weight
         self.bias = conv.bias
-        self._init_weight_quant(w_bits, conv.out_channels, weight_percentile)
+        self._init_weight_quant(w_bits, conv.out_channels, weight_percentile, weight_clipping)
         self.input_quantizer = input_quantizer
         self.to(conv.weight.device)
 

@@ -109,11 +109,13 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
         if isinstance(module, nn.Linear):
             quantizer = _act_quantizer(cfg, bits, scheme, module.in_features, groups, site, block_site=block_site)
             new = QuantLinear.from_float(
-                module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits), input_quantizer=quantizer
+                module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits),
+                weight_clipping=cfg.weight_clipping, input_quantizer=quantizer
             )
         else:
             quantizer = _act_quantizer(cfg, bits, "layer", None, 1, site, block_site=False)
-            new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits), input_quantizer=quantizer)
+            new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits),
+                              weight_clipping=cfg.weight_clipping, input_quantizer=quantizer)
         _set_child(model, name, new)
     return left_float
 

@@ -68,3 +68,18 @@ def test_gptq_shape_errors():
         ops.gptq_quantize(torch.randn(4, 5), torch.eye(4), torch.ones(4), torch.zeros(4), 4)
     with pytest.raises(ValueError, match="same shape"):
         ops.input_correlations(torch.randn(3, 4), torch.randn(3, 5))
+
+
+def test_weight_clipping_option_is_used_by_quantized_layers():
+    import igq_plugin as igq
+    from igq_plugin.modules import QuantLinear
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(8, 5, 32)
+    q = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=8, weight_clipping="mse"), x, progress=False)
+    layer = q[0]
+    assert isinstance(layer, QuantLinear) and layer.weight_clipping == "mse"
+    scale, zp = ops.mse_weight_qparams(model[0].weight, 4)
+    assert torch.equal(layer.weight_scale, scale) and torch.equal(layer.weight_zero_point, zp)
+    with pytest.raises(ValueError, match="weight_clipping must be one of"):
+        igq.IGQConfig(weight_clipping="gptq")
