@@ -18,6 +18,17 @@ import torch
 
 from .quant import asym_qparams
 
+__all__ = [
+    "reparam_channel_qparams",
+    "reparam_target_zero_point",
+    "reparam_factors",
+    "fold_layernorm",
+    "fold_linear",
+    "reparam_ranges",
+    "mean_target_scale",
+    "mosf_target_scale",
+]
+
 # A channel narrower than this fraction of the median channel width (e.g. a constant channel) is
 # widened to it: its scale would otherwise be the 1e-8 floor and r1 ~ 1e-8 would wreck the fold.
 _MIN_RELATIVE_WIDTH = 1e-3
@@ -36,17 +47,6 @@ def reparam_target_zero_point(zero_point: torch.Tensor, bits: int) -> torch.Tens
     """RepQ-ViT's layer-wise zero point: the rounded mean of the channel zero points (clipped to the
     code range first, so no single far-off channel moves it). Any integer keeps the fold exact."""
     return torch.round(zero_point.clamp(0, 2**bits - 1).mean())
-
-__all__ = [
-    "reparam_channel_qparams",
-    "reparam_target_zero_point",
-    "reparam_factors",
-    "fold_layernorm",
-    "fold_linear",
-    "reparam_ranges",
-    "mean_target_scale",
-    "mosf_target_scale",
-]
 
 
 def reparam_factors(
