@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
-from .ops.levels import DEFAULT_TANQ_STEEPNESS, SOFTMAX_QUANTIZERS, check_softmax_quantizer
+from .ops.levels import DEFAULT_TANQ_STEEPNESS, SOFTMAX_QUANTIZERS
 from .ops.quant import check_bits
+from .ops.weight import WEIGHT_CLIPPINGS
 
 __all__ = [
     "IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION", "CONFIG_ATTR", "GROUP_ALLOCATIONS", "REPARAMS", "SENSITIVITY_METRICS",
@@ -160,7 +161,6 @@ class IGQConfig:
         if (isinstance(self.tanq_steepness, bool) or not isinstance(self.tanq_steepness, (int, float))
                 or not 0 < self.tanq_steepness < 1e6):
             raise ValueError(f"tanq_steepness must be a positive number (e.g. 4.0), got {self.tanq_steepness!r}")
-        check_softmax_quantizer(self.softmax_quantizer, self.tanq_steepness)
         _check_choice(self.reparam, "reparam", REPARAMS)
         _check_choice(self.range_update, "range_update", UPDATE_RULES)
         if not isinstance(self.range_quantile, (int, float)) or not 0.5 < self.range_quantile <= 1.0:
@@ -171,7 +171,7 @@ class IGQConfig:
                 raise TypeError(f"act_percentile must be a float in (50, 100] percent or None, got {self.act_percentile!r}")
             if not 50.0 < self.act_percentile <= 100.0:
                 raise ValueError(f"act_percentile must be in (50, 100] percent (e.g. 99.99), got {self.act_percentile}")
-        _check_choice(self.weight_clipping, "weight_clipping", ("percentile", "mse"))
+        _check_choice(self.weight_clipping, "weight_clipping", WEIGHT_CLIPPINGS)
         if self.weight_percentile is not None:
             if isinstance(self.weight_percentile, bool) or not isinstance(self.weight_percentile, (int, float)):
                 raise TypeError(f"weight_percentile must be a float in [0, 50) percent, got {self.weight_percentile!r}")

@@ -42,8 +42,6 @@ __all__ = [
 
 logger = logging.getLogger("igq_plugin")
 
-WEIGHT_CLIPPINGS = ("percentile", "mse")
-
 
 class _Quantizer(nn.Module):
     """Shared life cycle: observer attribute + ``calibrated`` buffer."""
@@ -280,8 +278,8 @@ class _QuantWeightMixin:
 
     def _init_weight_quant(self, w_bits: int, out_channels: int, percentile: float, clipping: str = "percentile") -> None:
         self.w_bits = ops.check_bits(w_bits, "w_bits")
-        if clipping not in WEIGHT_CLIPPINGS:
-            raise ValueError(f"weight clipping must be one of {WEIGHT_CLIPPINGS}, got {clipping!r}")
+        if clipping not in ops.WEIGHT_CLIPPINGS:
+            raise ValueError(f"weight clipping must be one of {ops.WEIGHT_CLIPPINGS}, got {clipping!r}")
         self.weight_percentile = percentile
         self.weight_clipping = clipping
         self.register_buffer("weight_scale", torch.ones(out_channels))

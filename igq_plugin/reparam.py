@@ -79,6 +79,11 @@ def find_layernorm_consumers(model: nn.Module, example: Any) -> dict[str, list[s
 
     A LayerNorm whose output also feeds a Linear left in float (IGQConfig.skip) is left out.
     """
+    return _consumers_and_output(model, example)[0]
+
+
+def _consumers_and_output(model: nn.Module, example: Any) -> tuple[dict[str, list[str]], Any]:
+    """The LayerNorm -> QuantLinear edges and the float output of the same forward pass."""
     outputs: dict[int, tuple[str, torch.Tensor]] = {}
     consumers: dict[str, list[str]] = {}
     handles = []
@@ -110,14 +115,14 @@ def find_layernorm_consumers(model: nn.Module, example: Any) -> dict[str, list[s
             handles.append(module.register_forward_pre_hook(linear_hook(name, False)))
     try:
         with fake_quant_disabled(model):
-            _run(model, example)
+            result = _run(model, example)
     finally:
         for h in handles:
             h.remove()
     if unfoldable & set(consumers):
         logger.info("LayerNorm output(s) also feeding a float Linear are not reparameterized: %s",
                     ", ".join(sorted(unfoldable & set(consumers))))
-    return {norm: names for norm, names in consumers.items() if norm not in unfoldable}
+    return {norm: names for norm, names in consumers.items() if norm not in unfoldable}, result
 
 
 def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,10 +175,10 @@ def reparameterize(
                 "reparameterize needs an example input: run igq.calibrate(prepared, data) (it keeps a few "
                 "instances) or pass example_input="
             )
-    pairs = find_layernorm_consumers(prepared, example_input)
+    with torch.no_grad():
+        pairs, out = _consumers_and_output(prepared, example_input)
+    reference = [t.detach().clone() for t in _flat_outputs(out)]
     norms = dict(prepared.named_modules())
-    with fake_quant_disabled(prepared):
-        reference = [t.detach().clone() for t in _flat_outputs(_run(prepared, example_input))]
     plans = []  # everything that can fail runs before any parameter changes
     for norm_name, linear_names in pairs.items():
         norm = norms[norm_name]

@@ -21,9 +21,12 @@ codes are true b-bit codes and an integer A.V expands them with a 2^b-entry look
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+
+from .quant import asym_qparams, quantize
 
 __all__ = [
     "SOFTMAX_QUANTIZERS",
@@ -49,6 +52,11 @@ def check_softmax_quantizer(kind: str, steepness: float = DEFAULT_TANQ_STEEPNESS
 def softmax_level_table(kind: str, bits: int, steepness: float = DEFAULT_TANQ_STEEPNESS) -> torch.Tensor:
     """The 2^b dequantized values (float64, before the per-row factor s) of codes 0 .. 2^b - 1."""
     check_softmax_quantizer(kind, steepness)
+    return _level_table(kind, bits, float(steepness)).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _level_table(kind: str, bits: int, steepness: float) -> torch.Tensor:
     n = 2**bits
     k = torch.arange(n, dtype=torch.float64)
     if kind == "uniform":
@@ -64,7 +72,7 @@ def softmax_level_table(kind: str, bits: int, steepness: float = DEFAULT_TANQ_ST
 def softmax_row_scale(kind: str, row_hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row factor s of the level table for rows of range [0, row_hi]."""
     if kind == "uniform":
-        return (row_hi / (2**bits - 1)).clamp_min(1e-8)
+        return asym_qparams(torch.zeros_like(row_hi), row_hi, bits)[0]  # unsigned uniform on [0, u]
     return row_hi.clamp_min(1e-8)
 
 
@@ -74,12 +82,11 @@ def quantize_probs(
     """Codes (integer-valued, a's dtype) of probabilities ``a`` with per-row factor ``s`` (broadcasting)."""
     top = 2**bits - 1
     if kind == "uniform":
-        return torch.clamp(torch.round(a / s), 0, top)
+        return quantize(a, s, 0.0, 0, top)
     t = (a / s).clamp(0.0, 1.0)
     if kind == "log_sqrt2":
         k = torch.round(-2.0 * torch.log2(t))  # t = 0 -> +inf -> zero code
         return torch.clamp(k, 0, top)
-    check_softmax_quantizer(kind, steepness)
     y = (1.0 + torch.tan((2.0 * t - 1.0) * math.atan(steepness)) / steepness) / 2.0
     return torch.clamp(torch.round(y * top), 0, top)
 
@@ -90,5 +97,5 @@ def dequantize_probs(
     """``s * table[codes]``."""
     if kind == "uniform":
         return codes * s  # table[k] = k
-    table = softmax_level_table(kind, bits, steepness).to(device=codes.device, dtype=codes.dtype)
+    table = _level_table(kind, bits, float(steepness)).to(device=codes.device, dtype=codes.dtype)
     return s * table[codes.long()]
