@@ -22,6 +22,7 @@ from .modules import (
 )
 from .quantize import calibrate, convert, prepare, quantize
 from .reparam import reparameterize
+from .rounding import round_weights
 from .serialization import load, save
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "calibrate",
     "convert",
     "reparameterize",
+    "round_weights",
     "save",
     "load",
     "report",

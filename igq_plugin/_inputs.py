@@ -45,3 +45,33 @@ def check_calibration_data(data: Any) -> None:
             f"calibration_data must be a Tensor batch, an iterable of Tensors or (input, label) tuples, or a "
             f"DataLoader; got {type(data).__name__}"
         )
+
+
+def concat_inputs(calibration_data: Any) -> Any:
+    """All calibration items as one model input: Tensors concatenated on dim 0, dicts key by key.
+
+    In dicts, tensors with a batch dimension are concatenated; other values must agree across items.
+    """
+    check_calibration_data(calibration_data)
+    if isinstance(calibration_data, torch.Tensor):
+        return calibration_data
+    items = [model_input(batch, index) for index, batch in enumerate(calibration_data)]
+    if not items:
+        raise ValueError("calibration_data is empty: give at least one batch")
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(item, torch.Tensor) for item in items):
+            raise TypeError("calibration items mix Tensors and dicts; give one kind")
+        return torch.cat(items, 0)
+    if not all(isinstance(item, Mapping) and item.keys() == first.keys() for item in items):
+        raise TypeError("calibration dicts must all have the same keys")
+    merged = {}
+    for key, value in first.items():
+        values = [item[key] for item in items]
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            merged[key] = torch.cat(values, 0)
+        elif all(v is value or v == value for v in values):
+            merged[key] = value
+        else:
+            raise ValueError(f"calibration input {key!r} is not a batched tensor and differs between items")
+    return merged

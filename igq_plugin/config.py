@@ -9,11 +9,11 @@ from typing import Any, Optional
 from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
 from .ops.levels import DEFAULT_TANQ_STEEPNESS, SOFTMAX_QUANTIZERS
 from .ops.quant import check_bits
-from .ops.weight import WEIGHT_CLIPPINGS
+from .ops.weight import WEIGHT_CLIPPINGS, WEIGHT_ROUNDINGS
 
 __all__ = [
     "IGQConfig", "ACT_SCHEMES", "CONFIG_VERSION", "CONFIG_ATTR", "GROUP_ALLOCATIONS", "REPARAMS", "SENSITIVITY_METRICS",
-    "SOFTMAX_QUANTIZERS",
+    "SOFTMAX_QUANTIZERS", "WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS",
 ]
 
 ACT_SCHEMES = ("layer", "channel", "igq")
@@ -95,6 +95,12 @@ class IGQConfig:
             clipping range minimizing the channel's squared rounding error (igq_plugin.ops.mse_weight_qparams).
         weight_percentile: clipping eps in percent per output channel (None: 5e-2 at <= 4 bits,
             1e-3 at 5-6 bits, 0 = min-max at 7-8 bits).
+        weight_rounding: "nearest" (default) or "gptq": after the activation ranges are fitted, round
+            every Linear's weights with GPTQ second-order error compensation on the inputs the
+            quantized model feeds it (IGQ-quantized, upstream layers already rounded), layer by
+            layer in forward order (igq_plugin.rounding.round_weights). Costs two more passes over
+            the calibration data, held in memory as one batch.
+        gptq_damp: Hessian damping of "gptq", as a fraction of its mean diagonal.
     Sites
         skip: module-name glob patterns left in full precision.
         embed_patterns, head_patterns: glob patterns that identify the patch embedding and
@@ -133,6 +139,8 @@ class IGQConfig:
     act_percentile: Optional[float] = None
     weight_clipping: str = "percentile"
     weight_percentile: Optional[float] = None
+    weight_rounding: str = "nearest"
+    gptq_damp: float = 0.1
     skip: tuple[str, ...] = ()
     embed_patterns: tuple[str, ...] = ("*patch_embed*",)
     head_patterns: tuple[str, ...] = ("head", "head.*", "classifier", "classifier.*")
@@ -177,6 +185,11 @@ class IGQConfig:
                 raise TypeError(f"weight_percentile must be a float in [0, 50) percent, got {self.weight_percentile!r}")
             if not 0.0 <= self.weight_percentile < 50.0:
                 raise ValueError(f"weight_percentile must be in [0, 50) percent, got {self.weight_percentile}")
+        _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDINGS)
+        if (isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float))
+                or not 0.0 <= self.gptq_damp < 1e3):
+            raise ValueError(f"gptq_damp must be a number >= 0 (fraction of the mean Hessian diagonal, e.g. 0.1), "
+                             f"got {self.gptq_damp!r}")
         self.skip = _as_patterns(self.skip, "skip")
         self.embed_patterns = _as_patterns(self.embed_patterns, "embed_patterns")
         self.head_patterns = _as_patterns(self.head_patterns, "head_patterns")

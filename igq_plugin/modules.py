@@ -285,27 +285,63 @@ class _QuantWeightMixin:
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("weight_zero_point", torch.zeros(out_channels))
         self.register_buffer("weight_calibrated", torch.tensor(False))
+        # Integer weight codes chosen by error-compensating rounding (igq.round_weights); empty:
+        # round-to-nearest of ``weight``. ``weight`` itself always stays the float weight.
+        self.register_buffer("weight_int", torch.empty(0, dtype=torch.uint8))
         self.weight_fake_quant_enabled = True
+
+    def weight_qparams_for(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) [O] this layer's clipping rule gives ``weight`` (percentile or MSE-optimal)."""
+        if self.weight_clipping == "mse":
+            return ops.mse_weight_qparams(weight, self.w_bits)
+        return ops.weight_qparams(weight, self.w_bits, self.weight_percentile)
 
     def calibrate_weight(self) -> None:
         """Set the weight quantizer from the current weights (percentile or MSE-optimal clipping)."""
-        if self.weight_clipping == "mse":
-            scale, zero_point = ops.mse_weight_qparams(self.weight, self.w_bits)
-        else:
-            scale, zero_point = ops.weight_qparams(self.weight, self.w_bits, self.weight_percentile)
+        scale, zero_point = self.weight_qparams_for(self.weight)
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
+        self.weight_int = self.weight_int.new_empty(0)  # rounding decisions belong to the old quantizer
+        self.weight_calibrated.fill_(True)
+
+    @property
+    def weight_rounded(self) -> bool:
+        """True when the weight codes come from error-compensating rounding (``weight_int``)."""
+        return self.weight_int.numel() > 0
+
+    def set_weight_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Install integer codes (shape of ``weight``) with their per-output-channel quantizer."""
+        qmin, qmax = ops.qrange(self.w_bits)
+        if codes.shape != self.weight.shape:
+            raise ValueError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(self.weight.shape)}")
+        if codes.numel() and not (float(codes.min()) >= qmin and float(codes.max()) <= qmax):
+            raise ValueError(f"codes must be integers in [{qmin}, {qmax}] for {self.w_bits}-bit weights")
+        self.weight_scale.copy_(scale)
+        self.weight_zero_point.copy_(zero_point)
+        self.weight_int = torch.round(codes).to(device=self.weight.device, dtype=torch.uint8)
         self.weight_calibrated.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated)."""
         if not (self.weight_fake_quant_enabled and bool(self.weight_calibrated)):
             return self.weight
+        if self.weight_rounded:
+            scale = self.weight_scale.to(self.weight.dtype).reshape((-1,) + (1,) * (self.weight.dim() - 1))
+            zero_point = self.weight_zero_point.to(self.weight.dtype).reshape(scale.shape)
+            return ops.dequantize(self.weight_int.to(self.weight.dtype), scale, zero_point)
         return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
 
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes (in the weight's dtype)."""
+        if self.weight_rounded:
+            return self.weight_int.to(self.weight.dtype)
         return ops.quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        codes = state_dict.get(prefix + "weight_int")
+        if codes is not None and codes.shape != self.weight_int.shape:  # rounded or not, per checkpoint
+            self.weight_int = torch.empty(codes.shape, dtype=torch.uint8, device=self.weight_int.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class QuantLinear(_QuantWeightMixin, nn.Module):

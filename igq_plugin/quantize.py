@@ -25,6 +25,7 @@ from .allocation.cost import SHAPES_ATTR, record_site_shapes
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
 from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
+from .rounding import round_weights
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR"]
 
@@ -230,6 +231,8 @@ def quantize(
 
     calibration_data: a Tensor batch, an iterable of Tensors, of (input, label) tuples or of dicts
     of keyword arguments, or a DataLoader. The user's ``model`` is never modified.
+    With ``config.weight_rounding == "gptq"`` the weights are then rounded by
+    :func:`igq_plugin.rounding.round_weights` on the same data (one more pass, as one batch).
     With ``config.group_allocation == "bop"`` the calibration data is run once more per site and
     candidate to measure sensitivities (see :func:`igq_plugin.allocation.allocate`); ``head``
     (features -> logits) is the task head their KL is taken through, for a backbone model.
@@ -239,8 +242,9 @@ def quantize(
     check_calibration_data(calibration_data)
     if head is not None and config.group_allocation is None:
         raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")
-    if config.group_allocation is not None and not isinstance(calibration_data, torch.Tensor):
-        calibration_data = list(calibration_data)  # run twice: calibration, then sensitivities
+    reuses = config.group_allocation is not None or config.weight_rounding == "gptq"
+    if reuses and not isinstance(calibration_data, torch.Tensor):
+        calibration_data = list(calibration_data)  # run again: sensitivities, GPTQ
     prepared = prepare(model, config)
     calibrate(prepared, calibration_data, progress=progress)
     if config.reparam:
@@ -249,4 +253,7 @@ def quantize(
         from .allocation import allocate
 
         allocate(prepared, calibration_data, config, head=head, progress=progress)
-    return convert(prepared, progress=progress)
+    qmodel = convert(prepared, progress=progress)
+    if config.weight_rounding == "gptq":
+        round_weights(qmodel, calibration_data, damp=config.gptq_damp, progress=progress)
+    return qmodel

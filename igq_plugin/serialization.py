@@ -50,6 +50,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
     qmodel = prepare(model, config, observe=False)
     _add_folded_biases(qmodel, ckpt["state_dict"])
     missing, unexpected = qmodel.load_state_dict(ckpt["state_dict"], strict=False)
+    missing = [k for k in missing if not k.endswith(".weight_int")]  # older checkpoints: round-to-nearest
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not match this model architecture: missing keys {missing[:5]}"

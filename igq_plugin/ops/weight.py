@@ -9,11 +9,12 @@ import torch
 
 from .quant import asym_qparams, fake_quantize, qrange, quantize
 
-__all__ = ["WEIGHT_CLIPPINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "fake_quantize_weight"]
+__all__ = ["WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "fake_quantize_weight"]
 
 
 _QUANTILE_MAX_NUMEL = 2**24
 WEIGHT_CLIPPINGS = ("percentile", "mse")  # fixed-percentile or MSE-optimal per-channel ranges
+WEIGHT_ROUNDINGS = ("nearest", "gptq")  # round-to-nearest or GPTQ error compensation (igq_plugin.rounding)
 
 
 def default_weight_percentile(bits: int) -> float:
