@@ -4,6 +4,7 @@
     igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
     igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
     igq quantize ... --group-allocation bop              groups per site chosen under a BOP budget
+    igq quantize ... --preset igq-plus --w-bits 4        IGQ + TanQ, MSE clipping, GPTQ, Q/K/V groups
     igq quantize ... --preset repq-vit --w-bits 4        the RepQ-ViT baseline (or dopq-vit)
     igq report q.pt --model deit_tiny_patch16_224        per-site bits, groups, MACs, BOPs of a saved model
 """
@@ -17,18 +18,21 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ACT_SCHEMES, REPARAMS, SENSITIVITY_METRICS, SOFTMAX_QUANTIZERS, IGQConfig
+from .config import (
+    ACT_SCHEMES, REPARAMS, SENSITIVITY_METRICS, SOFTMAX_QUANTIZERS, WEIGHT_CLIPPINGS, WEIGHT_ROUNDINGS, IGQConfig,
+)
 
 logger = logging.getLogger("igq_plugin")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PRESETS = {"igq-plus": IGQConfig.igq_plus, "repq-vit": IGQConfig.repq_vit, "dopq-vit": IGQConfig.dopq_vit}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization config")
     g.add_argument("--config", type=Path, help="IGQConfig JSON file (flags below override its fields)")
-    g.add_argument("--preset", choices=["repq-vit", "dopq-vit"],
-                   help="start from IGQConfig.repq_vit / dopq_vit at --w-bits (flags below override its fields)")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help="start from IGQConfig.igq_plus / repq_vit / dopq_vit at --w-bits (flags below override its fields)")
     g.add_argument("--w-bits", type=int, help="weight bits of transformer-block Linears (2-8; default 4)")
     g.add_argument("--a-bits", type=int, help="activation bits (2-8; default 4)")
     g.add_argument("--groups", type=int, help="IGQ groups per site (default 8)")
@@ -38,6 +42,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tanq-steepness", type=float, help="kappa of --softmax-quantizer tanq")
     g.add_argument("--reparam", choices=[r for r in REPARAMS if r] + ["none"],
                    help="fold post-LayerNorm channel scales (RepQ-ViT); none switches a preset's off")
+    g.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, help="per-channel weight ranges (default percentile)")
+    g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, help="weight rounding (default nearest; gptq: GPTQ)")
     g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
     g.add_argument("--group-allocation", choices=["bop"], help="choose groups per site under a BOP budget (Eq. 9-10)")
     g.add_argument("--bop-budget", type=float, help="BOP budget: fraction of FP32 in (0, 1] or BOPs (default: uniform --groups)")
@@ -51,13 +57,14 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
         raise ValueError("give --config or --preset, not both")
     if args.preset:
         bits = args.w_bits if args.w_bits is not None else 4
-        base = IGQConfig.repq_vit(bits) if args.preset == "repq-vit" else IGQConfig.dopq_vit(bits)
+        base = PRESETS[args.preset](bits)
     else:
         base = IGQConfig.from_json(args.config.read_text()) if args.config else IGQConfig()
     changes = {
         "weight_bits": args.w_bits, "act_bits": args.a_bits, "num_groups": args.groups,
         "act_scheme": args.scheme, "softmax_groups": args.softmax_groups,
         "softmax_quantizer": args.softmax_quantizer, "tanq_steepness": args.tanq_steepness, "reparam": args.reparam,
+        "weight_clipping": args.weight_clipping, "weight_rounding": args.weight_rounding,
         "skip": tuple(args.skip) if args.skip else None,
         "group_allocation": args.group_allocation, "bop_budget": args.bop_budget,
         "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,

@@ -230,6 +230,15 @@ class IGQConfig:
                       softmax_quantizer="tanq", softmax_groups=1)
         return cls(**{**fields, **changes})
 
+    @classmethod
+    def igq_plus(cls, bits: int = 4, **changes: Any) -> "IGQConfig":
+        """IGQ-ViT with every ingredient the W4A4 ablation kept (benchmarks/ablation_w4a4.py): TanQ
+        post-softmax levels, MSE weight clipping, GPTQ weight rounding on the quantized inputs and
+        IGQ groups on the Q, K, V operands. Every site quantized, as in the default config."""
+        fields = dict(weight_bits=bits, act_bits=bits, softmax_quantizer="tanq", weight_clipping="mse",
+                      weight_rounding="gptq", matmul_scheme="igq")
+        return cls(**{**fields, **changes})
+
     # Effective values -------------------------------------------------------------------
     @property
     def effective_softmax_groups(self) -> int:

@@ -32,6 +32,13 @@ def test_config_command_presets_and_softmax_levels(capsys):
     assert igq.IGQConfig.from_json(capsys.readouterr().out).reparam is None
     assert main(["config", "--preset", "repq-vit", "--config", "x.json"]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["config", "--preset", "igq-plus", "--w-bits", "6", "--weight-rounding", "nearest"]) == 0
+    cfg = igq.IGQConfig.from_json(capsys.readouterr().out)
+    assert cfg == igq.IGQConfig.igq_plus(6, weight_rounding="nearest")
+    assert (cfg.softmax_quantizer, cfg.weight_clipping, cfg.matmul_scheme, cfg.act_scheme) == ("tanq", "mse", "igq", "igq")
+    assert main(["config", "--weight-clipping", "mse", "--weight-rounding", "gptq"]) == 0
+    cfg = igq.IGQConfig.from_json(capsys.readouterr().out)
+    assert (cfg.weight_clipping, cfg.weight_rounding) == ("mse", "gptq")
 
 
 def test_config_command_rejects_bad_bits(capsys):
