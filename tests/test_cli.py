@@ -91,6 +91,6 @@ def test_demo_runs_on_real_weights_small(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "Layer-wise W4A4" in text and "IGQ G=8 W4A4" in text and "probe top-1" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["FP32", "Layer-wise W4A4", "IGQ G=8 W4A4"]
+    assert [r["method"] for r in rows] == ["FP32", "Layer-wise W4A4", "IGQ G=8 W4A4", "IGQ-plus G=8 W4A4"]
     assert rows[0]["top1"] > 40 and all(0 <= r["top1"] <= 100 for r in rows)
-    assert rows[2]["cosine"] > rows[1]["cosine"]
+    assert rows[3]["cosine"] > rows[2]["cosine"] > rows[1]["cosine"]
