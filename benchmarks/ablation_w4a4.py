@@ -57,6 +57,17 @@ ROWS: dict[str, tuple[dict, str, str]] = {
 }
 
 
+# Cells are computed in this order (most informative first), so an interrupted run keeps the key rows.
+RUN_ORDER = [
+    "+ IGQ groups on Q/K/V (all ingredients)", "Layer-wise + TanQ + MSE clip + GPTQ", "all ingredients at W6A6",
+    "all ingredients, W4A16 (activations float)", "all ingredients, W16A4 (weights float)", "+ GPTQ weight rounding",
+    "+ MSE weight clipping", "all ingredients, 32 task-domain calibration images", "+ TanQ post-softmax",
+    "Layer-wise min-max", "IGQ G8 as published (uniform softmax, percentile weights)",
+    "all ingredients, 128 calibration images",
+]
+assert sorted(RUN_ORDER) == sorted(ROWS)
+
+
 def calibration(model_name: str, default: list[torch.Tensor], kind: str) -> tuple[list[torch.Tensor], str]:
     """Calibration batches and their description. DINOv2's default is 32 photos; the probe's task
     domain is Fashion-MNIST (training split, never the test images)."""
@@ -114,7 +125,8 @@ def run(args) -> dict:
         model, task, calib = build_model(model_name, args)
         fp_key = f"{model_name}|FP32"
         results["cells"][fp_key] = {"model": model_name, "row": "FP32", "top1": round(task.fp_top1, 2), "cosine": 1.0}
-        for row, (fields, calib_kind, keep) in ROWS.items():
+        for row in RUN_ORDER:
+            fields, calib_kind, keep = ROWS[row]
             key = f"{model_name}|{row}"
             if key in results["cells"] and not args.fresh:
                 continue
