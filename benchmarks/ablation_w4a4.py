@@ -59,10 +59,10 @@ ROWS: dict[str, tuple[dict, str, str]] = {
 
 # Cells are computed in this order (most informative first), so an interrupted run keeps the key rows.
 RUN_ORDER = [
-    "+ IGQ groups on Q/K/V (all ingredients)", "Layer-wise + TanQ + MSE clip + GPTQ", "all ingredients at W6A6",
+    "+ IGQ groups on Q/K/V (all ingredients)", "Layer-wise + TanQ + MSE clip + GPTQ",
     "all ingredients, W4A16 (activations float)", "all ingredients, W16A4 (weights float)", "+ GPTQ weight rounding",
-    "+ MSE weight clipping", "all ingredients, 32 task-domain calibration images", "+ TanQ post-softmax",
-    "Layer-wise min-max", "IGQ G8 as published (uniform softmax, percentile weights)",
+    "+ MSE weight clipping", "all ingredients, 32 task-domain calibration images", "all ingredients at W6A6",
+    "+ TanQ post-softmax", "Layer-wise min-max", "IGQ G8 as published (uniform softmax, percentile weights)",
     "all ingredients, 128 calibration images",
 ]
 assert sorted(RUN_ORDER) == sorted(ROWS)
