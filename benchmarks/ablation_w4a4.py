@@ -14,6 +14,8 @@ the classifier head (FMNIST ViT; DINOv2 has none) at 8 bits, the DESIGN default.
 whole error source out say so: "W4A16" keeps every activation in float (weights as in the full row),
 "W16A4" keeps every weight in float. Columns: top-1, cosine of the features / logits against FP,
 the 5 sites with the lowest local SQNR (8 test images), and the quantization wall time.
+A cell copied from another results file with the same configuration and protocol names it
+("source"); cells not run are absent.
 """
 from __future__ import annotations
 
@@ -160,8 +162,9 @@ def write_outputs(results: dict, out: Path) -> None:
             cell = results["cells"].get(f"{model_name}|{row}")
             if cell is None:
                 continue
+            name = f"{row} [from {cell['source']}]" if cell.get("source") else row
             rows.append({
-                "model": model_name, "row": row, "top1": f"{cell['top1']:.2f}", "cosine": f"{cell['cosine']:.4f}",
+                "model": model_name, "row": name, "top1": f"{cell['top1']:.2f}", "cosine": f"{cell['cosine']:.4f}",
                 "calibration": cell.get("calibration", ""),
                 "worst 5 sites (SQNR dB)": ", ".join(f"{s} {v}" for s, v in cell.get("worst_sites_db", [])),
                 "quantize s": cell.get("quantize_s", ""),
