@@ -22,6 +22,12 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict of keyword arguments, else ``model(inputs)`` (inputs moved to the model's device)."""
+    inputs = to_device(inputs, model_device(model))
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
 def model_input(batch: Any, index: int) -> Any:
     """The model input of one calibration item: a tensor, (input, label, ...) or a dict of kwargs."""
     if isinstance(batch, torch.Tensor):

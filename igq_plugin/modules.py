@@ -326,9 +326,7 @@ class _QuantWeightMixin:
         if not (self.weight_fake_quant_enabled and bool(self.weight_calibrated)):
             return self.weight
         if self.weight_rounded:
-            scale = self.weight_scale.to(self.weight.dtype).reshape((-1,) + (1,) * (self.weight.dim() - 1))
-            zero_point = self.weight_zero_point.to(self.weight.dtype).reshape(scale.shape)
-            return ops.dequantize(self.weight_int.to(self.weight.dtype), scale, zero_point)
+            return ops.dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight.dtype)
         return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
 
     def weight_codes(self) -> torch.Tensor:

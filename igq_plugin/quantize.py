@@ -12,7 +12,7 @@ import contextlib
 import copy
 import fnmatch
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import ops
 from .attention import attention_adapter_for, attention_channels
-from ._inputs import model_device, model_input, to_device, check_calibration_data
+from ._inputs import model_device, model_input, run_model, to_device, check_calibration_data
 from .allocation.cost import SHAPES_ATTR, record_site_shapes
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
@@ -179,10 +179,7 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
             setattr(prepared, EXAMPLE_ATTR, example_slice(inputs))  # for reparameterize's checks
         # The first batch also records per-instance site shapes (MACs / BOPs for igq.report and allocation).
         with record_site_shapes(prepared, shapes) if index == 0 else contextlib.nullcontext():
-            if isinstance(inputs, Mapping):
-                prepared(**inputs)
-            else:
-                prepared(inputs)
+            run_model(prepared, inputs)
         seen += 1
     if seen == 0:
         raise ValueError("calibration_data is empty: give at least one batch (the paper uses 32 images)")

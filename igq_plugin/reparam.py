@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._inputs import model_device, to_device
+from ._inputs import run_model
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantLinear, fake_quant_disabled
 
@@ -56,11 +56,6 @@ def example_slice(inputs: Any) -> Any:
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
                 for k, v in inputs.items()}
     return inputs
-
-
-def _run(model: nn.Module, example: Any) -> Any:
-    example = to_device(example, model_device(model))
-    return model(**example) if isinstance(example, Mapping) else model(example)
 
 
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
@@ -115,7 +110,7 @@ def _consumers_and_output(model: nn.Module, example: Any) -> tuple[dict[str, lis
             handles.append(module.register_forward_pre_hook(linear_hook(name, False)))
     try:
         with fake_quant_disabled(model):
-            result = _run(model, example)
+            result = run_model(model, example)
     finally:
         for h in handles:
             h.remove()
@@ -200,7 +195,7 @@ def reparameterize(
     try:
         _fold(plans)
         with fake_quant_disabled(prepared):
-            folded = _flat_outputs(_run(prepared, example_input))
+            folded = _flat_outputs(run_model(prepared, example_input))
         if not folded or len(folded) != len(reference):
             raise RuntimeError("reparameterize could not compare the model's outputs (no tensor outputs)")
         worst = max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(folded, reference))

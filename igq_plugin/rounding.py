@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import ops
-from ._inputs import concat_inputs, model_device, to_device
+from ._inputs import concat_inputs, model_device, run_model, to_device
 from .modules import QuantLinear, fake_quant_disabled, iter_quantizers
 
 __all__ = ["round_weights", "ROUNDED_ATTR"]
@@ -42,13 +41,6 @@ __all__ = ["round_weights", "ROUNDED_ATTR"]
 logger = logging.getLogger("igq_plugin")
 
 ROUNDED_ATTR = "igq_gptq_rounded"  # names of the layers whose weights GPTQ rounded
-
-
-def _run(model: nn.Module, inputs: Any) -> None:
-    if isinstance(inputs, Mapping):
-        model(**inputs)
-    else:
-        model(inputs)
 
 
 @torch.no_grad()
@@ -96,7 +88,7 @@ def round_weights(
         handles = [m.register_forward_pre_hook(keep_float(n)) for n, m in layers.items()]
         try:
             with fake_quant_disabled(model):
-                _run(model, inputs)
+                run_model(model, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -128,7 +120,7 @@ def round_weights(
 
     handles = [m.register_forward_pre_hook(round_layer(n)) for n, m in layers.items()]
     try:
-        _run(model, inputs)
+        run_model(model, inputs)
     except BaseException:
         for n, (codes, s, z) in saved.items():
             m = layers[n]

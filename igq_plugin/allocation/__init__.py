@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_ATTR
-from .._inputs import check_calibration_data, model_device, model_input, to_device
+from .._inputs import check_calibration_data, model_device, model_input, run_model, to_device
 from ..modules import ActQuantizer, QuantLinear, SoftmaxQuantizer, fake_quant_disabled
 from ..reparam import REPARAM_ATTR, reparameterize
 from .cost import CostReport, SiteCost, _first_tensor, record_site_shapes, site_costs
@@ -231,7 +231,6 @@ def report(qmodel: nn.Module, example_input: Any = None) -> CostReport:
     if example_input is None:
         return site_costs(qmodel)
     shapes: dict = {}
-    x = to_device(model_input(example_input, 0), model_device(qmodel))
     with fake_quant_disabled(qmodel), record_site_shapes(qmodel, shapes):
-        qmodel(**x) if isinstance(x, dict) else qmodel(x)
+        run_model(qmodel, model_input(example_input, 0))
     return site_costs(qmodel, shapes)

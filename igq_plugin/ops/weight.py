@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .quant import asym_qparams, fake_quantize, qrange, quantize
+from .quant import asym_qparams, dequantize, fake_quantize, qrange, quantize
 
-__all__ = ["WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "fake_quantize_weight"]
+__all__ = ["WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "dequantize_weight", "fake_quantize_weight"]
 
 
 _QUANTILE_MAX_NUMEL = 2**24
@@ -79,6 +79,12 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     """Integer codes (in w's dtype) of w with per-output-channel (scale, zero_point)."""
     qmin, qmax = qrange(bits)
     return quantize(w, _per_channel(scale, w), _per_channel(zero_point, w), qmin, qmax)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Weights in ``dtype`` from integer codes [O, ...] and per-output-channel (scale, zero_point)."""
+    w = codes.to(dtype)
+    return dequantize(w, _per_channel(scale, w), _per_channel(zero_point, w))
 
 
 def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
