@@ -3,6 +3,7 @@
     python benchmarks/ablation_w4a4.py                      # DINOv2-S probe + from-scratch FMNIST ViT
     python benchmarks/ablation_w4a4.py --models fmnist-vit  # one model (cells already done are kept)
     python benchmarks/ablation_w4a4.py --plots-only          # redraw markdown / PNG from the JSON
+    python benchmarks/ablation_w4a4.py --device cuda         # same cells on a GPU (each cell records its device)
 
 Models and data as benchmarks/accuracy.py: DINOv2-S at 224 px with a Fashion-MNIST linear probe
 fit on FP features (2000 train / 2000 test images), calibrated on 32 real photos; the from-scratch
@@ -56,6 +57,9 @@ ROWS: dict[str, tuple[dict, str, str]] = {
     "all ingredients, W4A16 (activations float)": (ALL, "default", "weights"),
     "all ingredients, W16A4 (weights float)": (ALL, "default", "acts"),
     "all ingredients at W6A6": (dict(ALL, weight_bits=6, act_bits=6), "default", "both"),
+    "all ingredients + MSE-chosen activation ranges": (dict(ALL, range_update="mse"), "default", "both"),
+    "all ingredients + RepQ, range q=0.95, 32 task-domain calibration images": (
+        dict(ALL, reparam="repq", range_quantile=0.95), "task", "both"),
 }
 
 
@@ -65,7 +69,8 @@ RUN_ORDER = [
     "all ingredients, W4A16 (activations float)", "all ingredients, W16A4 (weights float)", "+ GPTQ weight rounding",
     "+ MSE weight clipping", "all ingredients, 32 task-domain calibration images", "all ingredients at W6A6",
     "+ TanQ post-softmax", "Layer-wise min-max", "IGQ G8 as published (uniform softmax, percentile weights)",
-    "all ingredients, 128 calibration images",
+    "all ingredients, 128 calibration images", "all ingredients + MSE-chosen activation ranges",
+    "all ingredients + RepQ, range q=0.95, 32 task-domain calibration images",
 ]
 assert sorted(RUN_ORDER) == sorted(ROWS)
 
@@ -109,8 +114,17 @@ def quantize_row(model, fields: dict, calib: list, keep: str) -> torch.nn.Module
     return qmodel
 
 
+def device_name(device: str) -> str:
+    """"cpu", or "cuda: <GPU name>" (cells record where they ran: quantization times differ)."""
+    dev = torch.device(device)
+    return f"cuda: {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else dev.type
+
+
 def load_results(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    results = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    if "machine" in results:  # files written before cells recorded their device: all ran on the CPU
+        results.setdefault("machines", {})["cpu"] = results.pop("machine")
+    return results
 
 
 def save_results(path: Path, results: dict) -> None:
@@ -125,6 +139,8 @@ def run(args) -> dict:
     results = load_results(path)
     for model_name in args.models:
         model, task, calib = build_model(model_name, args)
+        model = model.to(args.device)
+        device = device_name(args.device)
         fp_key = f"{model_name}|FP32"
         results["cells"][fp_key] = {"model": model_name, "row": "FP32", "top1": round(task.fp_top1, 2), "cosine": 1.0}
         for row in RUN_ORDER:
@@ -147,9 +163,10 @@ def run(args) -> dict:
                 "model": model_name, "row": row, "config": fields, "calibration": calib_desc, "fake_quant": keep,
                 "top1": round(metrics["top1"], 2), "cosine": round(metrics["cosine"], 4),
                 "worst_sites_db": [[s, round(v, 1)] for s, v in worst], "quantize_s": round(quant_s, 1),
+                "device": device,
                 "sites": report.to_dict(),
             }
-            results["machine"] = machine_info()
+            results.setdefault("machines", {})[device] = machine_info()
             save_results(path, results)
     return results
 
@@ -167,11 +184,11 @@ def write_outputs(results: dict, out: Path) -> None:
                 "model": model_name, "row": name, "top1": f"{cell['top1']:.2f}", "cosine": f"{cell['cosine']:.4f}",
                 "calibration": cell.get("calibration", ""),
                 "worst 5 sites (SQNR dB)": ", ".join(f"{s} {v}" for s, v in cell.get("worst_sites_db", [])),
-                "quantize s": cell.get("quantize_s", ""),
+                "quantize s": cell.get("quantize_s", ""), "device": cell.get("device", "cpu"),
             })
     write_markdown(out / "ablation_w4a4.md", "W4A4 ablation (every site quantized; embed/head 8 bits)", rows,
-                   ["model", "row", "top1", "cosine", "calibration", "quantize s", "worst 5 sites (SQNR dB)"],
-                   {"machine": results.get("machine", {})})
+                   ["model", "row", "top1", "cosine", "calibration", "quantize s", "device", "worst 5 sites (SQNR dB)"],
+                   {"machines": results.get("machines", {})})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-test", type=int, default=2000, help="DINOv2 probe test images")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--fresh", action="store_true", help="recompute cells already in the JSON")
+    ap.add_argument("--device", default="cpu", help="torch device to quantize and evaluate on (cpu, cuda, cuda:1)")
     ap.add_argument("--plots-only", action="store_true")
     args = ap.parse_args(argv)
     if args.plots_only:

@@ -83,7 +83,9 @@ class IGQConfig:
             checked unchanged (relative error <= 1e-3) on calibration instances.
     Calibration
         range_update: range rule of the fitted groups, one of "envelope", "mean",
-            "quantile" (default; see igq_plugin.calibration).
+            "quantile" (default; see igq_plugin.calibration), or "mse": per site, the rule
+            with the least quantization error on sampled calibration tokens (softmax rows
+            keep the default rule).
         range_quantile: q of the "quantile" rule.
         kmeans_iters: iteration cap of the group fitting.
         act_percentile: for sites whose scheme is "layer" (block Linear inputs under

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._inputs import model_device
 from .modules import QuantConv2d, QuantLinear, _Quantizer
 from .ops.metrics import sqnr_db
 
@@ -27,7 +28,9 @@ __all__ = ["probe_features", "extract_features", "LinearProbe", "fidelity", "Sit
 
 def probe_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Frozen-backbone feature of a timm-style model: CLS ‖ mean patch token for token outputs
-    [B, N, D] (ViT, DeiT, DINOv2), the spatial mean for [B, H, W, C] (Swin), the output itself for [B, D]."""
+    [B, N, D] (ViT, DeiT, DINOv2), the spatial mean for [B, H, W, C] (Swin), the output itself for [B, D].
+    ``x`` is moved to the model's device."""
+    x = x.to(model_device(model))
     out = model.forward_features(x) if hasattr(model, "forward_features") else model(x)
     if out.ndim == 3:
         prefix = int(getattr(model, "num_prefix_tokens", 1))
@@ -49,7 +52,7 @@ def extract_features(
     progress: bool = True,
     desc: str = "features",
 ) -> torch.Tensor:
-    """``fn`` applied to ``inputs`` in batches (after ``transform`` per batch); results concatenated."""
+    """``fn`` applied to ``inputs`` in batches (after ``transform`` per batch); results concatenated on the CPU."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -59,7 +62,7 @@ def extract_features(
         batch = inputs[start:start + batch_size]
         if transform is not None:
             batch = transform(batch)
-        out.append(fn(batch).float())
+        out.append(fn(batch).float().cpu())
     if not out:
         raise ValueError("no inputs to extract features from")
     return torch.cat(out)

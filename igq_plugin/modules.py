@@ -23,9 +23,11 @@ from .calibration import (
     DEFAULT_QUANTILE,
     DEFAULT_UPDATE,
     ChannelRangeObserver,
+    ChannelSampleObserver,
     RowMaxObserver,
     ValueSampleObserver,
     fit_group_ranges,
+    select_group_ranges,
     fit_row_groups,
 )
 
@@ -119,6 +121,10 @@ class ActQuantizer(_Quantizer):
         self.update = update
         self.quantile = quantile
         self.kmeans_iters = kmeans_iters
+        self.chosen_rule: Optional[tuple[str, Optional[float]]] = None  # set by update="mse" fits
+        # Per-channel weights of the "mse" error: the squared column norms of the Linear this site
+        # feeds (set by set_input_error_weights), so the search minimizes that Linear's output error.
+        self.error_weights: Optional[torch.Tensor] = None
         if scheme == "layer":
             size = 1
         elif scheme == "channel":
@@ -139,7 +145,12 @@ class ActQuantizer(_Quantizer):
         return self.lo.numel() if self.scheme == "igq" else 1
 
     def start_observer(self) -> None:
-        self.observer = (ValueSampleObserver if self.percentile is not None else ChannelRangeObserver)(self.site)
+        if self.percentile is not None:
+            self.observer = ValueSampleObserver(self.site)
+        elif self.scheme == "igq" and self.update == "mse":
+            self.observer = ChannelSampleObserver(self.site)
+        else:
+            self.observer = ChannelRangeObserver(self.site)
 
     @property
     def max_groups(self) -> int:
@@ -171,6 +182,12 @@ class ActQuantizer(_Quantizer):
         if self.scheme == "channel":
             return lo.amin(0), hi.amax(0)
         groups = self.lo.numel() if num_groups is None else num_groups
+        if self.update == "mse":
+            group_lo, group_hi, rule = select_group_ranges(
+                self.observer.chunks(), groups, self.bits, max_iter=self.kmeans_iters, channel_weights=self.error_weights
+            )
+            self.chosen_rule = rule
+            return group_lo, group_hi
         return fit_group_ranges(lo, hi, groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
 
     def load_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -202,6 +219,15 @@ class ActQuantizer(_Quantizer):
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, bits={self.bits}, scheme={self.scheme}, groups={self.num_groups}"
+
+
+def set_input_error_weights(model: nn.Module) -> None:
+    """Give every Linear input quantizer the squared column norms of its Linear's weight (the
+    diagonal of the output-error metric: ||W e||^2 ~ sum_c ||W[:, c]||^2 e_c^2), used by the
+    "mse" range rule. Call after the weights are final (after reparameterization)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and isinstance(module.input_quantizer, ActQuantizer):
+            module.input_quantizer.error_weights = module.weight.detach().float().pow(2).sum(0).cpu()
 
 
 class SoftmaxQuantizer(_Quantizer):

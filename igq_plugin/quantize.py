@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any, Optional
@@ -23,7 +24,7 @@ from .attention import attention_adapter_for, attention_channels
 from ._inputs import model_device, model_input, run_model, to_device, check_calibration_data
 from .allocation.cost import SHAPES_ATTR, record_site_shapes
 from .config import CONFIG_ATTR, IGQConfig
-from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers
+from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers, set_input_error_weights
 from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 from .rounding import round_weights
 
@@ -36,8 +37,14 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
+    """Replace submodule ``name`` by ``child``, moved to the replaced module's device (its new
+    quantizer state is created on the CPU)."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, attr)
+    tensor = next(itertools.chain(old.parameters(), old.buffers()), None)
+    if tensor is not None:
+        child.to(tensor.device)
     setattr(parent, attr, child)
 
 
@@ -200,6 +207,7 @@ def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
     if isinstance(config, IGQConfig) and config.reparam and getattr(prepared, REPARAM_ATTR, None) is None:
         reparameterize(prepared)
 
+    set_input_error_weights(prepared)
     observing = [(n, q) for n, q in iter_quantizers(prepared) if q.observing]
     never_run = [n for n, q in observing if q.observer.num_instances == 0]
     for name, quantizer in tqdm(observing, desc="igq fit ranges", unit="site", disable=not progress):

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._inputs import run_model
 from .data import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist, gray_to_imagenet
 from .evaluation import LinearProbe, SiteSQNR, extract_features, fidelity, probe_features
 from .zoo import cache_dir, save_atomic
@@ -126,7 +127,8 @@ class ClassifierTask:
     def logits(self, model: nn.Module, desc: str = "logits") -> torch.Tensor:
         from tqdm.auto import tqdm
 
-        out = [model(x).float() for x in tqdm(self.batches(), desc=desc, unit="batch", disable=not self.progress)]
+        batches = tqdm(self.batches(), desc=desc, unit="batch", disable=not self.progress)
+        out = [run_model(model, x).float().cpu() for x in batches]
         logits = torch.cat(out)
         if logits.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{logits.shape[0]} logits for {self.labels.shape[0]} labels")
@@ -151,5 +153,5 @@ class ClassifierTask:
 def site_report(qmodel: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
     """Local SQNR (dB) of every quantized site of ``qmodel`` on ``inputs`` (see evaluation.SiteSQNR)."""
     with SiteSQNR(qmodel) as rec:
-        qmodel(inputs)
+        run_model(qmodel, inputs)
     return rec.results()

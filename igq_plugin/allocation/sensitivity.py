@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SENSITIVITY_METRICS as METRICS
-from ..modules import ActQuantizer, SoftmaxQuantizer, fake_quant_disabled
+from ..modules import ActQuantizer, SoftmaxQuantizer, fake_quant_disabled, set_input_error_weights
 
 __all__ = ["METRICS", "output_distance", "find_blocks", "site_sensitivity"]
 
@@ -127,8 +127,10 @@ def site_sensitivity(
     ``inputs``: model inputs (batches); ``sites``: name -> quantizer (ActQuantizer "igq" or
     SoftmaxQuantizer) whose observers hold the calibration statistics; ``output_fn(model, x)``:
     what to compare (default: the model output); ``head``: applied to that before the metric.
-    The prepared model is left as it was.
+    The prepared model is left as it was (but for the "mse" rule's error weights, which convert sets
+    the same way).
     """
+    set_input_error_weights(prepared)
     from tqdm.auto import tqdm
 
     if metric not in METRICS:

@@ -15,6 +15,7 @@ from .groups import (
     assign_rows,
     channel_ranges,
     group_fake_quantize,
+    group_quant_error,
     group_qparams,
     group_quantize,
     row_maxima,

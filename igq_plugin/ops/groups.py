@@ -21,6 +21,7 @@ __all__ = [
     "group_qparams",
     "group_quantize",
     "group_fake_quantize",
+    "group_quant_error",
     "row_maxima",
     "assign_rows",
     "softmax_group_quantize",
@@ -99,6 +100,36 @@ def group_fake_quantize(
     if x.requires_grad:
         return x + (x_hat - x).detach()
     return x_hat
+
+
+def group_quant_error(
+    samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor,
+    bits: int,
+    channel_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared error of group quantization on sampled tokens, assigned as at inference.
+
+    samples: [B, K, C], K tokens of each instance; lo, hi: [B, C], each instance's channel ranges
+    over *all* its tokens (the assignment at inference uses them, not the sample's). Returns the
+    sum of squared (fake-quantized - sample) as a 0-d tensor of samples' dtype, each channel's
+    term multiplied by ``channel_weights`` [C] when given. With every token sampled and no
+    weights this is exactly the error of :func:`group_fake_quantize`.
+    """
+    if samples.dim() != 3 or lo.shape != hi.shape or lo.shape != (samples.shape[0], samples.shape[2]):
+        raise ValueError(
+            f"expected samples [B, K, C] and lo, hi [B, C]; got {tuple(samples.shape)}, {tuple(lo.shape)}, "
+            f"{tuple(hi.shape)}"
+        )
+    assignment = assign_groups(lo, hi, group_lo, group_hi)
+    scale, zero_point = group_qparams(group_lo, group_hi, bits)
+    s = scale[assignment].unsqueeze(1).to(samples.dtype)
+    z = zero_point[assignment].unsqueeze(1).to(samples.dtype)
+    qmin, qmax = qrange(bits)
+    x_hat = dequantize(quantize(samples, s, z, qmin, qmax), s, z)
+    err = (x_hat - samples).pow(2)
+    if channel_weights is not None:
+        err = err * channel_weights.to(err)
+    return err.sum()
 
 
 def row_maxima(a: torch.Tensor) -> torch.Tensor:
