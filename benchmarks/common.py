@@ -40,9 +40,11 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 def write_markdown(path: Path, title: str, rows: list[dict], columns: list[str], meta: dict) -> None:
     lines = [f"# {title}", ""]
-    m = meta.get("machine", {})
-    lines.append(f"Machine: {m.get('cpu')} ({', '.join(m.get('flags', [])) or 'no AVX2/AVX-512 flags'}), "
-                 f"{m.get('threads')} threads, torch {m.get('torch')}.")
+    machines = meta.get("machines") or {"": meta.get("machine", {})}  # {device: machine_info()} or one machine
+    for device, m in machines.items():
+        lines.append(f"Machine{f' ({device})' if device else ''}: {m.get('cpu')} "
+                     f"({', '.join(m.get('flags', [])) or 'no AVX2/AVX-512 flags'}), "
+                     f"{m.get('threads')} threads, torch {m.get('torch')}.")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")
