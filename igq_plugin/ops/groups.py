@@ -89,14 +89,24 @@ def group_quantize(
     return codes, assignment, scale, zero_point
 
 
+def _assigned_fake_quantize(
+    xi: torch.Tensor, assignment: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Tokens xi [B, T, C] quantized and dequantized with the groups of ``assignment`` [B, C]."""
+    scale, zero_point = group_qparams(group_lo, group_hi, bits)
+    s = scale[assignment].unsqueeze(1).to(xi.dtype)
+    z = zero_point[assignment].unsqueeze(1).to(xi.dtype)
+    qmin, qmax = qrange(bits)
+    return dequantize(quantize(xi, s, z, qmin, qmax), s, z)
+
+
 def group_fake_quantize(
     x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """Fake-quantize x [B, ..., C]: each channel of each instance with its assigned group's quantizer."""
-    codes, assignment, scale, zero_point = group_quantize(x.detach(), group_lo, group_hi, bits)
-    s = scale[assignment].unsqueeze(1)
-    z = zero_point[assignment].unsqueeze(1)
-    x_hat = dequantize(_as_instances(codes), s, z).reshape(x.shape)
+    lo, hi = channel_ranges(x.detach())
+    x_hat = _assigned_fake_quantize(_as_instances(x.detach()), assign_groups(lo, hi, group_lo, group_hi),
+                                    group_lo, group_hi, bits).reshape(x.shape)
     if x.requires_grad:
         return x + (x_hat - x).detach()
     return x_hat
@@ -120,12 +130,7 @@ def group_quant_error(
             f"expected samples [B, K, C] and lo, hi [B, C]; got {tuple(samples.shape)}, {tuple(lo.shape)}, "
             f"{tuple(hi.shape)}"
         )
-    assignment = assign_groups(lo, hi, group_lo, group_hi)
-    scale, zero_point = group_qparams(group_lo, group_hi, bits)
-    s = scale[assignment].unsqueeze(1).to(samples.dtype)
-    z = zero_point[assignment].unsqueeze(1).to(samples.dtype)
-    qmin, qmax = qrange(bits)
-    x_hat = dequantize(quantize(samples, s, z, qmin, qmax), s, z)
+    x_hat = _assigned_fake_quantize(samples, assign_groups(lo, hi, group_lo, group_hi), group_lo, group_hi, bits)
     err = (x_hat - samples).pow(2)
     if channel_weights is not None:
         err = err * channel_weights.to(err)
