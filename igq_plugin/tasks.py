@@ -58,6 +58,7 @@ class ProbeTask:
         x_train, y_train = fashion_mnist("train")
         x_test, y_test = fashion_mnist("test")
         idx = _subset(num_train, len(x_train), seed)
+        self.train_indices = idx  # into the 60k training split (held-out images are the others)
         self.train_images, self.train_labels = x_train[idx], y_train[idx]
         if not 1 <= num_test <= len(x_test):
             raise ValueError(f"num_test must be in [1, {len(x_test)}], got {num_test}")
