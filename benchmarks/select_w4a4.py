@@ -7,14 +7,14 @@
 At W4A4 the best range rule and reparameterization differ between models and bit widths (README,
 "W4A4"), so a user has to choose one. Choosing on the test images overstates the result; this
 script chooses the way a user can: every candidate is quantized with all ingredients
-(IGQConfig.igq_plus: every site at 4 bits, embedding / head 8) on 32 task-domain calibration
+(IGQConfig.igq_plus: every site at 4 bits, embedding / head 8) on 32 (or 128) task-domain calibration
 images, scored by the feature (DINOv2) or logit (FMNIST ViT) cosine against full precision on
 ``--val-images`` validation images, and only the winner is evaluated on the test set.
 
-Images: DINOv2's calibration images are the last 32 of Fashion-MNIST's training split, its
+Images: DINOv2's calibration images are the last 32 (128) of Fashion-MNIST's training split, its
 validation images the first training images outside the probe's training subset and the
 calibration images; the test images are the probe's 2000. The FMNIST ViT is calibrated on the
-ablation's 32 training images and validated on other training images (it was trained on them,
+ablation's 32 training images (128: 96 more) and validated on other training images (it was trained on them,
 so its validation cosine is a fidelity measure, not a generalization one); its test set is the
 full 10k. Nothing here reads a test image before the choice is made.
 """
@@ -35,37 +35,44 @@ from igq_plugin.evaluation import fidelity, probe_features
 from accuracy import build_model
 from common import machine_info, write_markdown
 
-# name -> IGQConfig fields changed from IGQConfig.igq_plus(4)
-CANDIDATES: dict[str, dict] = {
-    "q=0.99 (default)": {},
-    "q=0.95": dict(range_quantile=0.95),
-    "q=0.9": dict(range_quantile=0.9),
-    "q=0.8": dict(range_quantile=0.8),
-    "mean": dict(range_update="mean"),
-    "RepQ, q=0.99": dict(reparam="repq"),
-    "RepQ, q=0.95": dict(reparam="repq", range_quantile=0.95),
-    "RepQ, q=0.9": dict(reparam="repq", range_quantile=0.9),
-    "RepQ, q=0.8": dict(reparam="repq", range_quantile=0.8),
-    "RepQ, mean": dict(reparam="repq", range_update="mean"),
+# name -> (IGQConfig fields changed from IGQConfig.igq_plus(4), calibration images)
+CANDIDATES: dict[str, tuple[dict, int]] = {
+    "q=0.99 (default)": ({}, 32),
+    "q=0.95": (dict(range_quantile=0.95), 32),
+    "q=0.9": (dict(range_quantile=0.9), 32),
+    "q=0.8": (dict(range_quantile=0.8), 32),
+    "mean": (dict(range_update="mean"), 32),
+    "RepQ, q=0.99": (dict(reparam="repq"), 32),
+    "RepQ, q=0.95": (dict(reparam="repq", range_quantile=0.95), 32),
+    "RepQ, q=0.9": (dict(reparam="repq", range_quantile=0.9), 32),
+    "RepQ, q=0.8": (dict(reparam="repq", range_quantile=0.8), 32),
+    "RepQ, mean": (dict(reparam="repq", range_update="mean"), 32),
+    "q=0.95, 128 images": (dict(range_quantile=0.95), 128),
+    "RepQ, q=0.95, 128 images": (dict(reparam="repq", range_quantile=0.95), 128),
 }
 
 
+MAX_CALIB = max(images for _, images in CANDIDATES.values())
+
+
 def split(model_name: str, task, val_images: int):
-    """(calibration batches, validation inputs, fidelity function model -> outputs) of a model."""
+    """(calibration inputs of ``MAX_CALIB`` images, validation inputs, fidelity function model -> outputs).
+
+    A candidate with n calibration images takes the first n (32: the ablation's 32)."""
     x_train, _ = fashion_mnist("train")
     if model_name == "dinov2":
         calib_idx = torch.arange(len(x_train) - 32, len(x_train))
+        calib_idx = torch.cat([calib_idx, torch.arange(len(x_train) - MAX_CALIB, len(x_train) - 32)])
         taken = set(task.train_indices.tolist()) | set(calib_idx.tolist())
         val_idx = torch.tensor([i for i in range(len(x_train)) if i not in taken][:val_images])
-        calib = list(gray_to_imagenet(x_train[calib_idx]).split(8))
-        return calib, gray_to_imagenet(x_train[val_idx]), probe_features
+        return gray_to_imagenet(x_train[calib_idx]), gray_to_imagenet(x_train[val_idx]), probe_features
     from igq_plugin.zoo import fmnist_input
 
-    calib_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:32]  # as accuracy.py
+    calib_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:MAX_CALIB]  # as accuracy.py
     rest = torch.ones(len(x_train), dtype=torch.bool)
     rest[calib_idx] = False
     val_idx = rest.nonzero().flatten()[:val_images]
-    return list(fmnist_input(x_train[calib_idx]).split(8)), fmnist_input(x_train[val_idx]), lambda m, x: m(x)
+    return fmnist_input(x_train[calib_idx]), fmnist_input(x_train[val_idx]), lambda m, x: m(x)
 
 
 @torch.no_grad()
@@ -87,27 +94,30 @@ def run(args) -> dict:
         calib, val_x, fn = split(model_name, task, args.val_images)
         ref = outputs(fn, model, val_x)
         entry = results["models"].setdefault(model_name, {"candidates": {}})
-        entry.update(fp_top1=round(task.fp_top1, 2), val_images=len(val_x), calibration="32 Fashion-MNIST train")
+        entry.update(fp_top1=round(task.fp_top1, 2), val_images=len(val_x), calibration="Fashion-MNIST train")
         for name in names:
             if name in entry["candidates"] and not args.fresh:
                 continue
-            fields = CANDIDATES[name]
+            fields, images = CANDIDATES[name]
             torch.manual_seed(0)
             t0 = time.perf_counter()
-            qmodel = igq.quantize(model, igq.IGQConfig.igq_plus(4, **fields), calib, progress=False)
+            qmodel = igq.quantize(model, igq.IGQConfig.igq_plus(4, **fields), list(calib[:images].split(8)),
+                                  progress=False)
             quant_s = time.perf_counter() - t0
             val = fidelity(ref, outputs(fn, qmodel, val_x))
             print(f"[{model_name}] {name}: validation cosine {val['cosine']:.4f}, quantize {quant_s:.0f} s", flush=True)
-            entry["candidates"][name] = {"config": fields, "val_cosine": round(val["cosine"], 4),
-                                         "quantize_s": round(quant_s, 1)}
+            entry["candidates"][name] = {"config": fields, "calibration_images": images,
+                                         "val_cosine": round(val["cosine"], 4), "quantize_s": round(quant_s, 1)}
             _save(path, results)
         done = {n: c for n, c in entry["candidates"].items() if n in CANDIDATES}
         winner = max(done, key=lambda n: done[n]["val_cosine"])
         if args.test and (entry.get("winner", {}).get("name") != winner or args.fresh):
+            fields, images = CANDIDATES[winner]
+            config = igq.IGQConfig.igq_plus(4, **fields)
             torch.manual_seed(0)
-            qmodel = igq.quantize(model, igq.IGQConfig.igq_plus(4, **CANDIDATES[winner]), calib, progress=False)
+            qmodel = igq.quantize(model, config, list(calib[:images].split(8)), progress=False)
             metrics = task.evaluate(qmodel, desc=f"test: {winner}")
-            entry["winner"] = {"name": winner, "config": igq.IGQConfig.igq_plus(4, **CANDIDATES[winner]).to_dict(),
+            entry["winner"] = {"name": winner, "config": config.to_dict(), "calibration_images": images,
                                "test_top1": round(metrics["top1"], 2), "test_cosine": round(metrics["cosine"], 4),
                                "chosen_among": sorted(done)}
             print(f"[{model_name}] winner {winner}: test top-1 {metrics['top1']:.2f} (FP {task.fp_top1:.2f}), "
@@ -130,6 +140,7 @@ def write_outputs(results: dict, out: Path) -> None:
         for name, cell in entry["candidates"].items():
             chosen = name == win.get("name")
             rows.append({"model": model_name, "candidate": f"**{name}**" if chosen else name,
+                         "calibration images": cell.get("calibration_images", 32),
                          "validation cosine": cell["val_cosine"], "quantize s": cell["quantize_s"],
                          "test top-1": win["test_top1"] if chosen else "",
                          "test cosine": win["test_cosine"] if chosen else "",
@@ -137,7 +148,7 @@ def write_outputs(results: dict, out: Path) -> None:
     write_markdown(out / "select_w4a4.md",
                    "W4A4 (all ingredients, every site at 4 bits) chosen on validation images; only the winner "
                    "(bold) is scored on the test set", rows,
-                   ["model", "candidate", "validation cosine", "quantize s", "test top-1", "test cosine", "FP top-1"],
+                   ["model", "candidate", "calibration images", "validation cosine", "quantize s", "test top-1", "test cosine", "FP top-1"],
                    {"machine": results.get("machine", {})})
 
 

@@ -55,3 +55,33 @@ def test_train_fmnist_vit_smoke(tmp_path):
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     info = torch.load(ckpt, weights_only=True)["info"]
     assert info["train_images"] == 256 and 0 <= info["test_top1"] <= 100
+
+
+def test_select_w4a4_chooses_on_validation_and_scores_the_winner(tmp_path):
+    out = tmp_path / "res"
+    proc = _run(["select_w4a4.py", "--models", "fmnist-vit", "--only", "q=0.99 (default)", "q=0.8",
+                 "--val-images", "32", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads((out / "select_w4a4.json").read_text())["models"]["fmnist-vit"]
+    cands = entry["candidates"]
+    assert set(cands) == {"q=0.99 (default)", "q=0.8"} and entry["val_images"] == 32
+    best = max(cands, key=lambda n: cands[n]["val_cosine"])
+    assert entry["winner"]["name"] == best and entry["winner"]["chosen_among"] == sorted(cands)
+    assert 0.9 < cands[best]["val_cosine"] <= 1.0 and 50.0 < entry["winner"]["test_top1"] <= 100.0
+    assert f"**{best}**" in (out / "select_w4a4.md").read_text()
+
+
+def test_select_w4a4_validation_images_are_held_out():
+    """DINOv2's validation images avoid the probe's training subset and the calibration images."""
+    import types
+    sys.path.insert(0, str(BENCH))
+    from select_w4a4 import split
+
+    from igq_plugin.data import fashion_mnist, gray_to_imagenet
+
+    x_train, _ = fashion_mnist("train")
+    task = types.SimpleNamespace(train_indices=torch.arange(0, len(x_train), 2))  # the even images
+    calib, val_x, _ = split("dinov2", task, 5)
+    assert torch.equal(val_x, gray_to_imagenet(x_train[[1, 3, 5, 7, 9]]))
+    assert torch.equal(calib[:32], gray_to_imagenet(x_train[-32:]))  # the ablation's 32 come first
+    assert torch.equal(calib[32:], gray_to_imagenet(x_train[-128:-32]))
