@@ -1,6 +1,6 @@
 """W4A4 configuration selected on held-out validation images, then scored once on the test set.
 
-    python benchmarks/select_w4a4.py                         # DINOv2-S probe (about 15 min on 2 CPU cores)
+    python benchmarks/select_w4a4.py                         # DINOv2-S probe (about 25 min on 2 CPU cores)
     python benchmarks/select_w4a4.py --models fmnist-vit     # the from-scratch Fashion-MNIST ViT
     python benchmarks/select_w4a4.py --plots-only            # redraw the markdown from the JSON
 
