@@ -35,7 +35,7 @@ from igq_plugin.modules import iter_quantizers
 from igq_plugin.tasks import site_report
 
 from accuracy import build_model
-from common import machine_info, write_markdown
+from common import machine_info, save_json, write_markdown
 
 PAPER = dict(weight_bits=4, act_bits=4, num_groups=8)  # IGQ-ViT as published: uniform softmax, percentile weights
 ALL = dict(PAPER, softmax_quantizer="tanq", weight_clipping="mse", weight_rounding="gptq", matmul_scheme="igq")
@@ -127,13 +127,6 @@ def load_results(path: Path) -> dict:
     return results
 
 
-def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
-
-
 def run(args) -> dict:
     path = args.out / "ablation_w4a4.json"
     results = load_results(path)
@@ -167,7 +160,7 @@ def run(args) -> dict:
                 "sites": report.to_dict(),
             }
             results.setdefault("machines", {})[device] = machine_info()
-            save_results(path, results)
+            save_json(path, results)
     return results
 
 

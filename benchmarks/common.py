@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: machine facts, metrics, result files."""
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
@@ -48,3 +49,11 @@ def write_markdown(path: Path, title: str, rows: list[dict], columns: list[str],
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")
+
+
+def save_json(path: Path, results: dict) -> None:
+    """Write ``results`` to ``path`` atomically (a run cut off mid-write keeps the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)

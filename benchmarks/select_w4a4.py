@@ -33,7 +33,7 @@ from igq_plugin.data import fashion_mnist, gray_to_imagenet
 from igq_plugin.evaluation import fidelity, probe_features
 
 from accuracy import build_model
-from common import machine_info, write_markdown
+from common import machine_info, save_json, write_markdown
 
 # name -> (IGQConfig fields changed from IGQConfig.igq_plus(4), calibration images)
 CANDIDATES: dict[str, tuple[dict, int]] = {
@@ -108,7 +108,7 @@ def run(args) -> dict:
             print(f"[{model_name}] {name}: validation cosine {val['cosine']:.4f}, quantize {quant_s:.0f} s", flush=True)
             entry["candidates"][name] = {"config": fields, "calibration_images": images,
                                          "val_cosine": round(val["cosine"], 4), "quantize_s": round(quant_s, 1)}
-            _save(path, results)
+            save_json(path, results)
         done = {n: c for n, c in entry["candidates"].items() if n in CANDIDATES}
         winner = max(done, key=lambda n: done[n]["val_cosine"])
         if args.test and (entry.get("winner", {}).get("name") != winner or args.fresh):
@@ -122,15 +122,8 @@ def run(args) -> dict:
                                "chosen_among": sorted(done)}
             print(f"[{model_name}] winner {winner}: test top-1 {metrics['top1']:.2f} (FP {task.fp_top1:.2f}), "
                   f"cosine {metrics['cosine']:.4f}", flush=True)
-            _save(path, results)
+            save_json(path, results)
     return results
-
-
-def _save(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
 
 
 def write_outputs(results: dict, out: Path) -> None:
