@@ -21,6 +21,7 @@ full 10k. Nothing here reads a test image before the choice is made.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -30,7 +31,8 @@ import torch
 
 import igq_plugin as igq
 from igq_plugin.data import fashion_mnist, gray_to_imagenet
-from igq_plugin.evaluation import fidelity, probe_features
+from igq_plugin._inputs import run_model
+from igq_plugin.evaluation import extract_features, fidelity, probe_features
 
 from accuracy import build_model
 from common import machine_info, save_json, write_markdown
@@ -72,13 +74,18 @@ def split(model_name: str, task, val_images: int):
     rest = torch.ones(len(x_train), dtype=torch.bool)
     rest[calib_idx] = False
     val_idx = rest.nonzero().flatten()[:val_images]
-    return fmnist_input(x_train[calib_idx]), fmnist_input(x_train[val_idx]), lambda m, x: m(x)
+    return fmnist_input(x_train[calib_idx]), fmnist_input(x_train[val_idx]), run_model
 
 
 @torch.no_grad()
-def outputs(fn, model, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.cat([fn(model, part.to(device)).float().cpu() for part in x.split(batch)])
+def outputs(fn, model, x: torch.Tensor) -> torch.Tensor:
+    return extract_features(functools.partial(fn, model), x, batch_size=32, progress=False)
+
+
+def quantize_candidate(model, name: str, calib: torch.Tensor) -> torch.nn.Module:
+    fields, images = CANDIDATES[name]
+    torch.manual_seed(0)
+    return igq.quantize(model, igq.IGQConfig.igq_plus(4, **fields), list(calib[:images].split(8)), progress=False)
 
 
 def run(args) -> dict:
@@ -95,27 +102,28 @@ def run(args) -> dict:
         ref = outputs(fn, model, val_x)
         entry = results["models"].setdefault(model_name, {"candidates": {}})
         entry.update(fp_top1=round(task.fp_top1, 2), val_images=len(val_x), calibration="Fashion-MNIST train")
+        best_name, best_model = None, None  # the best candidate quantized in this run (kept for the test)
         for name in names:
             if name in entry["candidates"] and not args.fresh:
                 continue
             fields, images = CANDIDATES[name]
-            torch.manual_seed(0)
             t0 = time.perf_counter()
-            qmodel = igq.quantize(model, igq.IGQConfig.igq_plus(4, **fields), list(calib[:images].split(8)),
-                                  progress=False)
+            qmodel = quantize_candidate(model, name, calib)
             quant_s = time.perf_counter() - t0
             val = fidelity(ref, outputs(fn, qmodel, val_x))
             print(f"[{model_name}] {name}: validation cosine {val['cosine']:.4f}, quantize {quant_s:.0f} s", flush=True)
             entry["candidates"][name] = {"config": fields, "calibration_images": images,
                                          "val_cosine": round(val["cosine"], 4), "quantize_s": round(quant_s, 1)}
             save_json(path, results)
+            scores = entry["candidates"]
+            if best_name is None or scores[name]["val_cosine"] > scores[best_name]["val_cosine"]:
+                best_name, best_model = name, qmodel
         done = {n: c for n, c in entry["candidates"].items() if n in CANDIDATES}
         winner = max(done, key=lambda n: done[n]["val_cosine"])
         if args.test and (entry.get("winner", {}).get("name") != winner or args.fresh):
             fields, images = CANDIDATES[winner]
             config = igq.IGQConfig.igq_plus(4, **fields)
-            torch.manual_seed(0)
-            qmodel = igq.quantize(model, config, list(calib[:images].split(8)), progress=False)
+            qmodel = best_model if winner == best_name else quantize_candidate(model, winner, calib)
             metrics = task.evaluate(qmodel, desc=f"test: {winner}")
             entry["winner"] = {"name": winner, "config": config.to_dict(), "calibration_images": images,
                                "test_top1": round(metrics["top1"], 2), "test_cosine": round(metrics["cosine"], 4),
