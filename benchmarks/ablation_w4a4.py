@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 import igq_plugin as igq
-from igq_plugin.data import fashion_mnist, gray_to_imagenet
-from igq_plugin.evaluation import SiteSQNR
+from igq_plugin.bench.data import fashion_mnist, gray_to_imagenet
+from igq_plugin.bench.evaluation import SiteSQNR
+from igq_plugin.bench.tasks import site_report
 from igq_plugin.modules import iter_quantizers
-from igq_plugin.tasks import site_report
 
 from accuracy import build_model
 from common import machine_info, save_json, write_markdown
@@ -88,7 +88,7 @@ def calibration(model_name: str, default: list[torch.Tensor], kind: str) -> tupl
         return list(task.split(8)), "32 Fashion-MNIST train"
     if kind in ("default", "task"):
         return default, "32 Fashion-MNIST train"
-    from igq_plugin.zoo import fmnist_input
+    from igq_plugin.bench.zoo import fmnist_input
 
     extra = fmnist_input(x_train[-96:])
     return default + list(extra.split(8)), "128 Fashion-MNIST train"

@@ -19,7 +19,7 @@ the column's bits; patch embedding and classifier head at 8 bits (DESIGN.md §1 
 softmax input, GELU and residual adds stay in float. The DINOv2 probe itself is float (it is the
 measuring instrument, not part of the backbone). The NNCF row is whatever nncf.quantize(model_type=
 TRANSFORMER) chooses (its INT8 W8A8 defaults: SmoothQuant + symmetric weights, its own site choice).
-Calibration: the 32 real photos of igq_plugin.data.calibration_photos (DINOv2, ImageNet models) or 32
+Calibration: the 32 real photos of igq_plugin.bench.data.calibration_photos (DINOv2, ImageNet models) or 32
 Fashion-MNIST training images (FMNIST ViT). Results are cached cell by cell in the JSON; rerunning
 skips finished cells (--fresh recomputes).
 """
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 import igq_plugin as igq
-from igq_plugin.data import calibration_photos, fashion_mnist, load_images
-from igq_plugin.evaluation import SiteSQNR
-from igq_plugin.tasks import ClassifierTask, ProbeTask, site_report
-from igq_plugin.zoo import fmnist_input, load_dinov2_small, load_fmnist_vit, load_timm_model
+from igq_plugin.bench.data import calibration_photos, fashion_mnist, load_images
+from igq_plugin.bench.evaluation import SiteSQNR
+from igq_plugin.bench.tasks import ClassifierTask, ProbeTask, site_report
+from igq_plugin.bench.zoo import fmnist_input, load_dinov2_small, load_fmnist_vit, load_timm_model
 
 from common import machine_info
 
@@ -109,7 +109,7 @@ def imagenet_task(model, root: Path, size: int, limit: int | None, batch_size: i
     """Top-1 of an ImageNet classifier on an ImageFolder (class index = sorted folder order)."""
     from torchvision import datasets
 
-    from igq_plugin.data import imagenet_transform
+    from igq_plugin.bench.data import imagenet_transform
 
     folder = datasets.ImageFolder(str(root), transform=imagenet_transform(size))
     count = len(folder) if not limit else min(limit, len(folder))

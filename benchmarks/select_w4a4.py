@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import igq_plugin as igq
-from igq_plugin.data import fashion_mnist, gray_to_imagenet
 from igq_plugin._inputs import run_model
-from igq_plugin.evaluation import extract_features, fidelity, probe_features
+from igq_plugin.bench.data import fashion_mnist, gray_to_imagenet
+from igq_plugin.bench.evaluation import extract_features, fidelity, probe_features
 
 from accuracy import build_model
 from common import machine_info, save_json, write_markdown
@@ -68,7 +68,7 @@ def split(model_name: str, task, val_images: int):
         taken = set(task.train_indices.tolist()) | set(calib_idx.tolist())
         val_idx = torch.tensor([i for i in range(len(x_train)) if i not in taken][:val_images])
         return gray_to_imagenet(x_train[calib_idx]), gray_to_imagenet(x_train[val_idx]), probe_features
-    from igq_plugin.zoo import fmnist_input
+    from igq_plugin.bench.zoo import fmnist_input
 
     calib_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:MAX_CALIB]  # as accuracy.py
     rest = torch.ones(len(x_train), dtype=torch.bool)

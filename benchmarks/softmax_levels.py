@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import igq_plugin as igq
-from igq_plugin.data import calibration_photos, fashion_mnist, gray_to_imagenet, load_images
-from igq_plugin.zoo import load_dinov2_small
+from igq_plugin.bench.data import calibration_photos, fashion_mnist, gray_to_imagenet, load_images
+from igq_plugin.bench.zoo import load_dinov2_small
 
 from common import machine_info, write_markdown
 

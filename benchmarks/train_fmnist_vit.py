@@ -2,7 +2,7 @@
 
     python benchmarks/train_fmnist_vit.py [--epochs 10] [--out PATH]
 
-Architecture: igq_plugin.zoo.FMNIST_VIT (28x28 gray, 4x4 patches, width 96, 6 blocks, 3 heads).
+Architecture: igq_plugin.bench.zoo.FMNIST_VIT (28x28 gray, 4x4 patches, width 96, 6 blocks, 3 heads).
 Recipe: AdamW (lr 2e-3, weight decay 0.05), batch 128, 1 warm-up epoch then cosine decay,
 label smoothing 0.1, random 2-pixel shifts and horizontal flips. Seeded; the checkpoint (with
 its test top-1 and the recipe) is written to the user cache directory unless --out is given.
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from igq_plugin.data import fashion_mnist
-from igq_plugin.zoo import FMNIST_VIT, build_fmnist_vit, fmnist_input, fmnist_vit_checkpoint
+from igq_plugin.bench.data import fashion_mnist
+from igq_plugin.bench.zoo import FMNIST_VIT, build_fmnist_vit, fmnist_input, fmnist_vit_checkpoint
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import igq_plugin as igq
-from igq_plugin.data import calibration_photos, load_images
-from igq_plugin.zoo import load_dinov2_small
+from igq_plugin.bench.data import calibration_photos, load_images
+from igq_plugin.bench.zoo import load_dinov2_small
 
 from common import machine_info, sqnr_db, write_markdown
 

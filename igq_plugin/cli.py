@@ -95,7 +95,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     timm = _require_timm()
     from . import quantize, report, save
-    from .zoo import load_timm_model
+    from .bench.zoo import load_timm_model
 
     cfg = _config_from_args(args)
     model = load_timm_model(args.model, args.weights, num_classes=args.num_classes)
@@ -126,7 +126,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     _require_timm()
     from . import load, report
-    from .zoo import load_timm_model
+    from .bench.zoo import load_timm_model
 
     model = load_timm_model(args.model, None, num_classes=args.num_classes)
     qmodel = load(args.checkpoint, model)
@@ -136,7 +136,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_table, run_demo
+    from .bench.demo import format_table, run_demo
 
     started = time.perf_counter()
     result = run_demo(

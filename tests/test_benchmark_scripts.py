@@ -49,7 +49,7 @@ def test_train_fmnist_vit_smoke(tmp_path):
     ckpt = tmp_path / "vit.pt"
     proc = _run(["train_fmnist_vit.py", "--epochs", "1", "--limit", "256", "--out", str(ckpt)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from igq_plugin.zoo import load_fmnist_vit
+    from igq_plugin.bench.zoo import load_fmnist_vit
 
     model = load_fmnist_vit(ckpt)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
@@ -81,7 +81,7 @@ def test_select_w4a4_validation_images_are_held_out():
     sys.path.insert(0, str(BENCH))
     from select_w4a4 import split
 
-    from igq_plugin.data import fashion_mnist, gray_to_imagenet
+    from igq_plugin.bench.data import fashion_mnist, gray_to_imagenet
 
     x_train, _ = fashion_mnist("train")
     task = types.SimpleNamespace(train_indices=torch.arange(0, len(x_train), 2))  # the even images

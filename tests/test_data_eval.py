@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import igq_plugin as igq
-from igq_plugin import data
+from igq_plugin.bench import data
+from igq_plugin.bench.evaluation import LinearProbe, SiteSQNR, extract_features, fidelity
 from igq_plugin.calibration import ValueSampleObserver
-from igq_plugin.evaluation import LinearProbe, SiteSQNR, extract_features, fidelity
 
 
 def _write_idx(path, tensor, code, compress=True):

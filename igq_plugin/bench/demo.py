@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from .config import IGQConfig
+from ..config import IGQConfig
+from ..quantize import quantize
 from .data import IMAGENET_MEAN, IMAGENET_STD, calibration_photos, load_images
-from .quantize import quantize
 from .tasks import ProbeTask
 
 __all__ = ["run_demo", "format_table"]

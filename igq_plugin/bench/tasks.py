@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._inputs import run_model
+from .._inputs import run_model
 from .data import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist, gray_to_imagenet
 from .evaluation import LinearProbe, SiteSQNR, extract_features, fidelity, probe_features
 from .zoo import cache_dir, save_atomic

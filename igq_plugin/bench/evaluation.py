@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import model_device
-from .modules import QuantConv2d, QuantLinear, _Quantizer
-from .ops.metrics import sqnr_db
+from .._inputs import model_device
+from ..modules import QuantConv2d, QuantLinear, _Quantizer
+from ..ops.metrics import sqnr_db
 
 __all__ = ["probe_features", "extract_features", "LinearProbe", "fidelity", "SiteSQNR"]
 
