@@ -36,7 +36,9 @@ class QuantAttention(nn.Module):
         super().__init__()
         for key, value in vars(orig).items():
             if key.startswith("_") and key not in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-                continue
+                continue  # module hooks are adopted by igq.prepare (quantize.adopt_hooks)
+            if key == "forward":
+                continue  # an instance-level forward (accelerate's hooks) would bypass the quantized forward
             self.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
         self._orig_cls = type(orig)
         self.fused_attn = False

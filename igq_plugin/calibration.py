@@ -2,7 +2,11 @@
 
 Observers keep only per-instance summaries, never activations: a channel site stores the
 (min, max) of every channel of every instance (O(instances x channels)); a softmax site stores
-the maximum of every attention row (O(instances x heads x queries)).
+the maximum of every attention row (O(instances x heads x queries)). Their statistics are lists of
+per-batch tensors, so observers of the same site that saw different shards of the calibration data
+combine exactly: ``observer.merge(other)`` (fitting the merged observer equals fitting one that saw
+all the data, up to the order of instances). Sampling observers take a ``seed``: give each shard
+its own (e.g. its rank), or every shard samples the same token positions.
 
 Group ranges are fitted in two stages (DESIGN.md §1):
 1. k-means in (min, max) space with the usual mean update: deterministic initialization at
@@ -77,15 +81,26 @@ def _check_finite(t: torch.Tensor, site: str) -> None:
 
 
 class ChannelRangeObserver:
-    """Collects per-instance per-channel (min, max) of activations [B, ..., C]."""
+    """Collects per-instance per-channel (min, max) of activations [*instances, *tokens, C]
+    (the first ``instance_dims`` dims index instances)."""
 
-    def __init__(self, site: str = "") -> None:
+    def __init__(self, site: str = "", *, seed: int = 0, instance_dims: int = 1) -> None:
         self.site = site
+        self.seed = seed
+        self.instance_dims = instance_dims
         self._lo: list[torch.Tensor] = []
         self._hi: list[torch.Tensor] = []
 
+    def merge(self, other: "ChannelRangeObserver") -> None:
+        """Add the statistics of ``other`` (the same site, another shard of the data) to this observer."""
+        if type(other) is not type(self):
+            raise TypeError(f"site '{self.site}': cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        for name, value in vars(other).items():
+            if name.startswith("_") and isinstance(value, list):
+                getattr(self, name).extend(value)
+
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = ops.channel_ranges(x.detach())
+        lo, hi = ops.channel_ranges(x.detach(), self.instance_dims)
         _check_finite(lo, self.site)
         _check_finite(hi, self.site)
         self._lo.append(lo.float().cpu())
@@ -117,8 +132,8 @@ class ValueSampleObserver(ChannelRangeObserver):
     stays bounded however much calibration data runs through.
     """
 
-    def __init__(self, site: str = "", samples_per_call: int = 1 << 16, seed: int = 0) -> None:
-        super().__init__(site)
+    def __init__(self, site: str = "", samples_per_call: int = 1 << 16, *, seed: int = 0, instance_dims: int = 1) -> None:
+        super().__init__(site, seed=seed, instance_dims=instance_dims)
         self.samples_per_call = samples_per_call
         self._gen = torch.Generator().manual_seed(seed)
         self._values: list[torch.Tensor] = []
@@ -148,8 +163,8 @@ class ChannelSampleObserver(ChannelRangeObserver):
     are drawn per forward with a fixed seed (all positions when an instance has fewer).
     """
 
-    def __init__(self, site: str = "", tokens: int = 32, seed: int = 0) -> None:
-        super().__init__(site)
+    def __init__(self, site: str = "", tokens: int = 32, *, seed: int = 0, instance_dims: int = 1) -> None:
+        super().__init__(site, seed=seed, instance_dims=instance_dims)
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
         self.tokens = tokens
@@ -158,7 +173,7 @@ class ChannelSampleObserver(ChannelRangeObserver):
 
     def observe(self, x: torch.Tensor) -> None:
         super().observe(x)
-        xi = x.detach().reshape(x.shape[0], -1, x.shape[-1])
+        xi = ops.as_instances(x.detach(), self.instance_dims)
         if xi.shape[1] > self.tokens:
             index = torch.randperm(xi.shape[1], generator=self._gen)[: self.tokens].sort().values
             xi = xi[:, index.to(xi.device)]
@@ -184,9 +199,12 @@ def _big_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class RowMaxObserver:
     """Collects the maximum of every attention row of probabilities [..., N_q, N_k]."""
 
-    def __init__(self, site: str = "") -> None:
+    def __init__(self, site: str = "", *, seed: int = 0) -> None:
         self.site = site
+        self.seed = seed
         self._u: list[torch.Tensor] = []
+
+    merge = ChannelRangeObserver.merge
 
     def observe(self, a: torch.Tensor) -> None:
         u = ops.row_maxima(a.detach()).reshape(-1)

@@ -7,6 +7,11 @@ their own: build one, call ``start_observer()``, run data through it, call ``fit
 Life cycle of a quantizer: uncalibrated -> observing (``start_observer``; forward passes
 activations through unchanged and records ranges) -> calibrated (``fit``; forward
 fake-quantizes). Calling an uncalibrated quantizer that is not observing is an error.
+
+The life-cycle state is Python-side (``is_calibrated``, the observer), set by fit / load_ranges
+/ load_state_dict, so forward never reads a tensor as a bool and ``torch.export`` traces a
+quantized model without data-dependent guards; the ``calibrated`` buffer only carries the state
+through state_dict. Forward passes call the ``igq`` torch.library ops (:mod:`igq_plugin.ops.library`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from .calibration import (
     select_group_ranges,
     fit_row_groups,
 )
+from .sites import sites
 
 __all__ = [
     "ActQuantizer",
@@ -46,7 +52,7 @@ logger = logging.getLogger("igq_plugin")
 
 
 class _Quantizer(nn.Module):
-    """Shared life cycle: observer attribute + ``calibrated`` buffer."""
+    """Shared life cycle: observer attribute, Python-side calibration flag mirrored in the ``calibrated`` buffer."""
 
     _observer_cls: type = ChannelRangeObserver
 
@@ -56,17 +62,25 @@ class _Quantizer(nn.Module):
         self.site = site
         self.observer = None
         self.fake_quant_enabled = True  # False: forward passes its input through (no observing, no quantizing)
+        self.is_calibrated = False  # what forward reads; the buffer below only persists it
         self.register_buffer("calibrated", torch.tensor(False))
 
     @property
     def observing(self) -> bool:
         return self.observer is not None
 
-    def start_observer(self) -> None:
-        self.observer = self._observer_cls(self.site)
+    def start_observer(self, seed: int = 0) -> None:
+        """Record statistics on the next forward passes. ``seed`` seeds any sampling the observer does:
+        give each shard of a sharded calibration its own (e.g. its rank) and merge the observers."""
+        self.observer = self._observer_cls(self.site, seed=seed)
+
+    def mark_calibrated(self, calibrated: bool = True) -> None:
+        """Set the calibration state (Python flag and the persisted buffer)."""
+        self.is_calibrated = bool(calibrated)
+        self.calibrated.fill_(bool(calibrated))
 
     def _require_calibrated(self) -> None:
-        if not bool(self.calibrated):
+        if not self.is_calibrated:
             raise RuntimeError(
                 f"quantizer at site '{self.site}' is not calibrated: run calibration data through the "
                 "prepared model and call igq.convert(), or use igq.quantize()"
@@ -79,6 +93,9 @@ class _Quantizer(nn.Module):
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
                 self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device, dtype=buf.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flag = state_dict.get(prefix + "calibrated")
+        if flag is not None and flag.device.type != "meta":
+            self.is_calibrated = bool(flag)
 
 
 class ActQuantizer(_Quantizer):
@@ -104,8 +121,14 @@ class ActQuantizer(_Quantizer):
         kmeans_iters: int = 100,
         percentile: Optional[float] = None,
         site: str = "",
+        instance_dims: int = 1,
     ) -> None:
         super().__init__(bits, site)
+        if isinstance(instance_dims, bool) or not isinstance(instance_dims, int) or instance_dims < 1:
+            raise ValueError(f"instance_dims must be an int >= 1 at site '{site}', got {instance_dims!r}")
+        # Layout of this site's activation: the first instance_dims dims index instances, the
+        # channel dim is last, the dims between are tokens (igq_plugin.ops.groups).
+        self.instance_dims = instance_dims
         if scheme not in ("layer", "channel", "igq"):
             raise ValueError(f"scheme must be 'layer', 'channel' or 'igq', got {scheme!r}")
         if percentile is not None and (scheme != "layer" or not 50.0 < percentile <= 100.0):
@@ -144,13 +167,14 @@ class ActQuantizer(_Quantizer):
     def num_groups(self) -> int:
         return self.lo.numel() if self.scheme == "igq" else 1
 
-    def start_observer(self) -> None:
+    def start_observer(self, seed: int = 0) -> None:
         if self.percentile is not None:
-            self.observer = ValueSampleObserver(self.site)
+            cls = ValueSampleObserver
         elif self.scheme == "igq" and self.update == "mse":
-            self.observer = ChannelSampleObserver(self.site)
+            cls = ChannelSampleObserver
         else:
-            self.observer = ChannelRangeObserver(self.site)
+            cls = ChannelRangeObserver
+        self.observer = cls(self.site, seed=seed, instance_dims=self.instance_dims)
 
     @property
     def max_groups(self) -> int:
@@ -165,7 +189,7 @@ class ActQuantizer(_Quantizer):
             raise ValueError(f"site '{self.site}': num_groups must be in [1, {self.max_groups}], got {num_groups}")
         self.lo = torch.zeros(num_groups, device=self.lo.device)
         self.hi = torch.zeros(num_groups, device=self.hi.device)
-        self.calibrated.fill_(False)
+        self.mark_calibrated(False)
 
     def fit_ranges(self, num_groups: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Static (lo, hi) ranges from the observer, without changing the quantizer.
@@ -194,7 +218,7 @@ class ActQuantizer(_Quantizer):
         """Set static ranges (resizing the buffers to match) and mark the quantizer calibrated."""
         self.lo = lo.detach().to(self.lo.device, self.lo.dtype).clone()
         self.hi = hi.detach().to(self.hi.device, self.hi.dtype).clone()
-        self.calibrated.fill_(True)
+        self.mark_calibrated(True)
 
     def fit(self) -> None:
         """Compute static ranges from the observer and stop observing."""
@@ -212,7 +236,7 @@ class ActQuantizer(_Quantizer):
             return x
         self._require_calibrated()
         if self.scheme == "igq":
-            return ops.group_fake_quantize(x, self.lo.to(x.dtype), self.hi.to(x.dtype), self.bits)
+            return ops.group_fake_quantize(x, self.lo, self.hi, self.bits, self.instance_dims)
         scale, zero_point = self.qparams()
         qmin, qmax = ops.qrange(self.bits)
         return ops.fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
@@ -222,12 +246,12 @@ class ActQuantizer(_Quantizer):
 
 
 def set_input_error_weights(model: nn.Module) -> None:
-    """Give every Linear input quantizer the squared column norms of its Linear's weight (the
-    diagonal of the output-error metric: ||W e||^2 ~ sum_c ||W[:, c]||^2 e_c^2), used by the
+    """Give every Linear-input site's quantizer the squared column norms of the fed Linear's weight
+    (the diagonal of the output-error metric: ||W e||^2 ~ sum_c ||W[:, c]||^2 e_c^2), used by the
     "mse" range rule. Call after the weights are final (after reparameterization)."""
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and isinstance(module.input_quantizer, ActQuantizer):
-            module.input_quantizer.error_weights = module.weight.detach().float().pow(2).sum(0).cpu()
+    for site in sites(model, "linear_input"):
+        if site.weight_quantizer is not None and not site.weight_quantizer.weight.is_meta:
+            site.quantizer.error_weights = site.weight_quantizer.weight.detach().float().pow(2).sum(0).cpu()
 
 
 class SoftmaxQuantizer(_Quantizer):
@@ -265,7 +289,7 @@ class SoftmaxQuantizer(_Quantizer):
         if num_groups < 1:
             raise ValueError(f"site '{self.site}': num_groups must be >= 1, got {num_groups}")
         self.hi = torch.ones(num_groups, device=self.hi.device)
-        self.calibrated.fill_(False)
+        self.mark_calibrated(False)
 
     def fit_ranges(self, num_groups: Optional[int] = None) -> torch.Tensor:
         """Static group maxima u_g from the observer (``num_groups`` overrides the count), quantizer unchanged."""
@@ -279,7 +303,7 @@ class SoftmaxQuantizer(_Quantizer):
 
     def load_ranges(self, hi: torch.Tensor) -> None:
         self.hi = hi.detach().to(self.hi.device, self.hi.dtype).clone()
-        self.calibrated.fill_(True)
+        self.mark_calibrated(True)
 
     def fit(self) -> None:
         self.load_ranges(self.fit_ranges())
@@ -292,7 +316,7 @@ class SoftmaxQuantizer(_Quantizer):
             self.observer.observe(a)
             return a
         self._require_calibrated()
-        return ops.softmax_group_fake_quantize(a, self.hi.to(a.dtype), self.bits, self.levels, self.steepness)
+        return ops.softmax_group_fake_quantize(a, self.hi, self.bits, self.levels, self.steepness)
 
     def extra_repr(self) -> str:
         extra = f", steepness={self.steepness:g}" if self.levels == "tanq" else ""
@@ -310,6 +334,7 @@ class _QuantWeightMixin:
         self.weight_clipping = clipping
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("weight_zero_point", torch.zeros(out_channels))
+        self.weight_is_calibrated = False  # what forward reads; the buffer persists it
         self.register_buffer("weight_calibrated", torch.tensor(False))
         # Integer weight codes chosen by error-compensating rounding (igq.round_weights); empty:
         # round-to-nearest of ``weight``. ``weight`` itself always stays the float weight.
@@ -328,7 +353,7 @@ class _QuantWeightMixin:
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
         self.weight_int = self.weight_int.new_empty(0)  # rounding decisions belong to the old quantizer
-        self.weight_calibrated.fill_(True)
+        self._mark_weight_calibrated()
 
     @property
     def weight_rounded(self) -> bool:
@@ -345,11 +370,15 @@ class _QuantWeightMixin:
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
         self.weight_int = torch.round(codes).to(device=self.weight.device, dtype=torch.uint8)
+        self._mark_weight_calibrated()
+
+    def _mark_weight_calibrated(self) -> None:
+        self.weight_is_calibrated = True
         self.weight_calibrated.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated)."""
-        if not (self.weight_fake_quant_enabled and bool(self.weight_calibrated)):
+        if not (self.weight_fake_quant_enabled and self.weight_is_calibrated):
             return self.weight
         if self.weight_rounded:
             return ops.dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight.dtype)
@@ -366,6 +395,9 @@ class _QuantWeightMixin:
         if codes is not None and codes.shape != self.weight_int.shape:  # rounded or not, per checkpoint
             self.weight_int = torch.empty(codes.shape, dtype=torch.uint8, device=self.weight_int.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flag = state_dict.get(prefix + "weight_calibrated")
+        if flag is not None and flag.device.type != "meta":
+            self.weight_is_calibrated = bool(flag)
 
 
 class QuantLinear(_QuantWeightMixin, nn.Module):

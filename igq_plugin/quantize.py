@@ -27,8 +27,9 @@ from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers, set_input_error_weights
 from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 from .rounding import round_weights
+from .sites import clear_sites, register_site, sites
 
-__all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR"]
+__all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks"]
 
 logger = logging.getLogger("igq_plugin")
 
@@ -36,15 +37,36 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def adopt_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` the module hooks registered on ``old`` (forward, backward, state-dict hooks).
+
+    The hook handles the user holds keep working (they remove by id from the same dicts). An
+    instance-level ``forward`` attribute (accelerate installs its hooks that way) is never copied:
+    it would run the float module's forward.
+    """
+    for attr in _HOOK_DICTS:
+        hooks = old.__dict__.get(attr)
+        if hooks:
+            new.__dict__[attr] = hooks
+
+
 def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     """Replace submodule ``name`` by ``child``, moved to the replaced module's device (its new
-    quantizer state is created on the CPU)."""
+    quantizer state is created on the CPU), keeping the replaced module's hooks."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, attr)
     tensor = next(itertools.chain(old.parameters(), old.buffers()), None)
     if tensor is not None:
         child.to(tensor.device)
+    adopt_hooks(child, old)
     setattr(parent, attr, child)
 
 
@@ -85,7 +107,14 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig) -> None:
                 levels=cfg.softmax_quantizer, steepness=cfg.tanq_steepness, site=f"{name}.softmax_quantizer",
             ),
         }
-        _set_child(model, name, adapter(module, quantizers))
+        new = adapter(module, quantizers)
+        _set_child(model, name, new)
+        head_dim = channels // module.num_heads
+        for tag in ("q", "k", "v"):
+            register_site(model, f"{name}.{tag}_quantizer", "matmul_operand", getattr(new, f"{tag}_quantizer"), name,
+                          info={"operand": tag, "head_dim": head_dim})
+        register_site(model, f"{name}.softmax_quantizer", "softmax", new.softmax_quantizer, name,
+                      info={"head_dim": head_dim})
 
 
 def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
@@ -125,6 +154,8 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
             new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits),
                               weight_clipping=cfg.weight_clipping, input_quantizer=quantizer)
         _set_child(model, name, new)
+        kind = "linear_input" if isinstance(module, nn.Linear) else "conv_input"
+        register_site(model, site, kind, quantizer, name, weight_quantizer=new)
     return left_float
 
 
@@ -133,18 +164,30 @@ def _check_config(config: Any) -> None:
         raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
 
 
-def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True) -> nn.Module:
-    """A quantization-ready copy of ``model``; ``model`` itself is never modified.
+def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplace: bool = False) -> nn.Module:
+    """A quantization-ready copy of ``model``; ``model`` itself is never modified (unless ``inplace``).
 
     Known attention modules are replaced by quantized adapters, every Linear (and the patch
-    embedding Conv2d) by a quantized module. With ``observe=True`` every quantizer records
-    ranges on the next forward passes; ``observe=False`` leaves them uncalibrated (for loading
-    a checkpoint).
+    embedding Conv2d) by a quantized module, each registered as a site (:mod:`igq_plugin.sites`).
+    With ``observe=True`` every quantizer records ranges on the next forward passes;
+    ``observe=False`` leaves them uncalibrated (for loading a checkpoint).
+
+    ``inplace=True`` swaps the modules into ``model`` itself and returns it (for frameworks that
+    own the model, e.g. a Hugging Face quantizer). The model may live on the meta device: weight
+    quantizers of meta weights are left uncalibrated; call ``calibrate_weight()`` on each site's
+    weight quantizer once real weights are loaded (igq.convert does it for any that are still
+    uncalibrated). Module hooks of replaced modules are kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_config(config)
-    prepared = copy.deepcopy(model).eval()
+    if sites(model):
+        raise ValueError(
+            f"model {type(model).__name__} already has igq quantization sites (it was prepared or quantized): "
+            "prepare the float model"
+        )
+    prepared = model if inplace else copy.deepcopy(model)
+    prepared.eval()
     for module in prepared.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False  # fused SDPA hides the softmax
@@ -153,15 +196,17 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True) -> nn.
     left_float = _swap_layers(prepared, config)
     quantizers = list(iter_quantizers(prepared))
     if not quantizers:
+        clear_sites(prepared)
         raise ValueError(
             f"model {type(model).__name__} has no quantizable layer: no nn.Linear (or patch-embedding Conv2d) "
             f"outside the skip patterns {list(config.skip)}"
         )
     if left_float:
         logger.info("layers kept in full precision: %s", ", ".join(left_float))
-    for module in prepared.modules():
-        if isinstance(module, (QuantLinear, QuantConv2d)):
-            module.calibrate_weight()
+    for site in sites(prepared):
+        wq = site.weight_quantizer
+        if wq is not None and not wq.weight.is_meta:
+            wq.calibrate_weight()
     if observe:
         for _, quantizer in quantizers:
             quantizer.start_observer()
@@ -207,6 +252,10 @@ def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
     if isinstance(config, IGQConfig) and config.reparam and getattr(prepared, REPARAM_ATTR, None) is None:
         reparameterize(prepared)
 
+    for site in sites(prepared):  # weights loaded after an in-place prepare on the meta device
+        wq = site.weight_quantizer
+        if wq is not None and not wq.weight_is_calibrated and not wq.weight.is_meta:
+            wq.calibrate_weight()
     set_input_error_weights(prepared)
     observing = [(n, q) for n, q in iter_quantizers(prepared) if q.observing]
     never_run = [n for n, q in observing if q.observer.num_instances == 0]

@@ -6,7 +6,8 @@
     qmodel = igq.convert(prepared)
 
 Which Linears a LayerNorm feeds is found by running one example through the model with hooks
-(a Linear whose input *is* a LayerNorm's output tensor), so timm ViT/DeiT/DINOv2 blocks
+(a Linear-input site, ``igq.sites(model, "linear_input")``, whose quantizer's input *is* a
+LayerNorm's output tensor; the fold changes that site's weight quantizer's weight and bias), so timm ViT/DeiT/DINOv2 blocks
 (norm1 -> attn.qkv, norm2 -> mlp.fc1) and Hugging Face models (norm1 -> query, key, value) are
 covered without per-architecture tables. In Swin blocks only norm2 -> mlp.fc1 qualifies: norm1's
 output is shifted, padded and split into windows before qkv (zero padding would not survive the
@@ -31,7 +32,8 @@ from torch import nn
 from . import ops
 from ._inputs import run_model
 from .config import CONFIG_ATTR, IGQConfig
-from .modules import ActQuantizer, QuantLinear, fake_quant_disabled
+from .modules import fake_quant_disabled
+from .sites import Site, sites
 
 __all__ = ["reparameterize", "find_layernorm_consumers", "EXAMPLE_ATTR", "REPARAM_ATTR"]
 
@@ -70,17 +72,17 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def find_layernorm_consumers(model: nn.Module, example: Any) -> dict[str, list[str]]:
-    """{LayerNorm name: names of the QuantLinears whose input is exactly that LayerNorm's output}.
+    """{LayerNorm name: consumers (Linear names) of the Linear-input sites fed exactly that LayerNorm's output}.
 
     A LayerNorm whose output also feeds a Linear left in float (IGQConfig.skip) is left out.
     """
-    return _consumers_and_output(model, example)[0]
+    return {norm: [s.consumer for s in found] for norm, found in _consumers_and_output(model, example)[0].items()}
 
 
-def _consumers_and_output(model: nn.Module, example: Any) -> tuple[dict[str, list[str]], Any]:
-    """The LayerNorm -> QuantLinear edges and the float output of the same forward pass."""
+def _consumers_and_output(model: nn.Module, example: Any) -> tuple[dict[str, list[Site]], Any]:
+    """The LayerNorm -> Linear-input site edges and the float output of the same forward pass."""
     outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    consumers: dict[str, list[str]] = {}
+    consumers: dict[str, list[Site]] = {}
     handles = []
 
     def norm_hook(name):
@@ -90,24 +92,24 @@ def _consumers_and_output(model: nn.Module, example: Any) -> tuple[dict[str, lis
 
     unfoldable: set[str] = set()
 
-    def linear_hook(name, quantized):
+    def linear_hook(site: Optional[Site]):
         def hook(_module, args):
             if args and id(args[0]) in outputs and outputs[id(args[0])][1] is args[0]:
                 norm = outputs[id(args[0])][0]
-                if not quantized:
+                if site is None:
                     unfoldable.add(norm)
-                elif name not in consumers.setdefault(norm, []):
-                    consumers[norm].append(name)
+                elif site not in consumers.setdefault(norm, []):
+                    consumers[norm].append(site)
         return hook
 
+    foldable = [s for s in sites(model, "linear_input") if s.weight_quantizer is not None]
+    for site in foldable:
+        handles.append(site.quantizer.register_forward_pre_hook(linear_hook(site)))
     for name, module in model.named_modules():
         if isinstance(module, nn.LayerNorm):
             handles.append(module.register_forward_hook(norm_hook(name)))
-        elif isinstance(module, QuantLinear):
-            handles.append(module.register_forward_pre_hook(
-                linear_hook(name, isinstance(module.input_quantizer, ActQuantizer))))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(linear_hook(name, False)))
+        elif isinstance(module, nn.Linear):  # a float Linear (a quantized one's input is its site's quantizer output)
+            handles.append(module.register_forward_pre_hook(linear_hook(None)))
     try:
         with fake_quant_disabled(model):
             result = run_model(model, example)
@@ -120,12 +122,12 @@ def _consumers_and_output(model: nn.Module, example: Any) -> tuple[dict[str, lis
     return {norm: names for norm, names in consumers.items() if norm not in unfoldable}, result
 
 
-def _channel_qparams(linears: list[QuantLinear], norm_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_qparams(found: list[Site], norm_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, zero point) of the LayerNorm output from its consumers' observers."""
     lo = hi = None
     bits = None
-    for linear in linears:
-        q = linear.input_quantizer
+    for site in found:
+        q = site.quantizer
         if q.observer is None or q.observer.num_instances == 0:
             raise RuntimeError(
                 f"reparameterization of '{norm_name}' needs calibration ranges at site '{q.site}': run "
@@ -175,22 +177,22 @@ def reparameterize(
     reference = [t.detach().clone() for t in _flat_outputs(out)]
     norms = dict(prepared.named_modules())
     plans = []  # everything that can fail runs before any parameter changes
-    for norm_name, linear_names in pairs.items():
+    for norm_name, found in pairs.items():
         norm = norms[norm_name]
         if norm.weight is None:
             logger.warning("LayerNorm '%s' has no affine weight: its output is not reparameterized", norm_name)
             continue
-        linears = [norms[n] for n in linear_names]
-        scale, zero_point = _channel_qparams(linears, norm_name)
+        scale, zero_point = _channel_qparams(found, norm_name)
         target_scale = _TARGETS[target](scale)
-        target_zero = ops.reparam_target_zero_point(zero_point, linears[0].input_quantizer.bits)
+        target_zero = ops.reparam_target_zero_point(zero_point, found[0].quantizer.bits)
         r1, r2 = ops.reparam_factors(scale, zero_point, target_scale, target_zero)
         device = norm.weight.device
-        plans.append((norm_name, norm, linears, r1.to(device), r2.to(device), scale.to(device), target_scale, target_zero))
+        plans.append((norm_name, norm, found, r1.to(device), r2.to(device), scale.to(device), target_scale, target_zero))
     saved = [(module, attr, None if getattr(module, attr) is None else getattr(module, attr).detach().clone())
-             for _, norm, linears, *_ in plans for module in [norm, *linears] for attr in ("weight", "bias")]
-    quantizers = [linear.input_quantizer for _, _, linears, *_ in plans for linear in linears]
-    saved_quantizers = [(q, q.lo.clone(), q.hi.clone(), q.calibrated.clone(), q.observer, copy.copy(q.observer))
+             for _, norm, found, *_ in plans for module in [norm, *(s.weight_quantizer for s in found)]
+             for attr in ("weight", "bias")]
+    quantizers = [site.quantizer for _, _, found, *_ in plans for site in found]
+    saved_quantizers = [(q, q.lo.clone(), q.hi.clone(), q.is_calibrated, q.observer, copy.copy(q.observer))
                         for q in quantizers]
     try:
         _fold(plans)
@@ -205,10 +207,10 @@ def reparameterize(
                 f"of some LayerNorm in {sorted(pairs)} also feeds something other than Linear layers (e.g. a residual "
                 "add). Nothing was changed; skip the Linears after that LayerNorm (IGQConfig.skip) or set reparam=None"
             )
-        for _, _, linears, r1, r2, scale, target_scale, target_zero in plans:
-            for linear in linears:
-                _retarget_quantizer(linear.input_quantizer, r1, r2, scale, target_scale, target_zero)
-                linear.calibrate_weight()
+        for _, _, found, r1, r2, scale, target_scale, target_zero in plans:
+            for site in found:
+                _retarget_quantizer(site.quantizer, r1, r2, scale, target_scale, target_zero)
+                site.weight_quantizer.calibrate_weight()
     except BaseException:
         for module, attr, value in saved:
             if value is None:
@@ -217,12 +219,12 @@ def reparameterize(
                 getattr(module, attr).data.copy_(value)
         for q, lo, hi, calibrated, observer, observer_copy in saved_quantizers:
             q.lo, q.hi = lo, hi
-            q.calibrated.copy_(calibrated)
+            q.mark_calibrated(calibrated)
             q.observer = observer
             if observer is not None:
                 observer.__dict__.update(observer_copy.__dict__)  # undo a remap
-        for linear in {id(l): l for _, _, linears, *_ in plans for l in linears}.values():
-            linear.calibrate_weight()
+        for layer in {id(s.weight_quantizer): s.weight_quantizer for _, _, found, *_ in plans for s in found}.values():
+            layer.calibrate_weight()
         raise
     names = [plan[0] for plan in plans]
     setattr(prepared, REPARAM_ATTR, names)
@@ -231,12 +233,12 @@ def reparameterize(
 
 
 def _fold(plans) -> None:
-    for _, norm, linears, r1, r2, scale, _, _ in plans:
+    for _, norm, found, r1, r2, scale, _, _ in plans:
         beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(scale)
         gamma, beta = ops.fold_layernorm(norm.weight.double(), beta, r1, r2, scale)
         _assign(norm, "weight", gamma)
         _assign(norm, "bias", beta)
-        for linear in linears:
+        for linear in (s.weight_quantizer for s in found):
             bias = None if linear.bias is None else linear.bias.double()
             weight, bias = ops.fold_linear(linear.weight.double(), bias, r1, r2, scale)
             _assign(linear, "weight", weight)
@@ -252,7 +254,7 @@ def _assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:
         current.data.copy_(value.to(current.dtype))
 
 
-def _retarget_quantizer(q: ActQuantizer, r1, r2, scale, target_scale, target_zero) -> None:
+def _retarget_quantizer(q: nn.Module, r1, r2, scale, target_scale, target_zero) -> None:
     if q.scheme == "layer":
         lo, hi = ops.asym_range(target_scale, target_zero, q.bits)
         q.load_ranges(lo.reshape(1).float(), hi.reshape(1).float())  # (s~, z~): the per-channel quantizer on x

@@ -3,11 +3,12 @@
     qmodel = igq.convert(prepared)                  # activation ranges fitted
     igq.round_weights(qmodel, calibration_data)      # igq.quantize does this with weight_rounding="gptq"
 
-Every QuantLinear is rounded once, in the order the forward pass reaches it, so each layer sees
-the inputs the quantized model really feeds it: the outputs of layers already rounded, through
-every activation quantizer on the way (IGQ groups included). One pass over the calibration data,
-concatenated into one batch: a hook on each layer applies the layer's own input quantizer to its
-input (X^) and, before the layer runs, replaces its weight codes by
+Every Linear-input site's weight (``igq.sites(model, "linear_input")``: QuantLinear, or any
+registered weight quantizer) is rounded once, in the order the forward pass reaches it, so each
+layer sees the inputs the quantized model really feeds it: the outputs of layers already rounded,
+through every activation quantizer on the way (IGQ groups included). One pass over the
+calibration data, concatenated into one batch: a forward hook on each site's input quantizer
+takes its output (X^) and, before the layer uses its weight, replaces the weight codes by
 :func:`igq_plugin.ops.gptq_quantize` of W under the Hessian X^T^ X^, with the per-output-channel
 quantizer refitted by the layer's clipping rule. Later layers then see this layer's new outputs.
 
@@ -34,7 +35,8 @@ from torch import nn
 
 from . import ops
 from ._inputs import concat_inputs, model_device, run_model, to_device
-from .modules import QuantLinear, fake_quant_disabled, iter_quantizers
+from .modules import fake_quant_disabled, iter_quantizers
+from .sites import sites
 
 __all__ = ["round_weights", "ROUNDED_ATTR"]
 
@@ -53,7 +55,7 @@ def round_weights(
     compensate: bool = False,
     progress: bool = True,
 ) -> list[str]:
-    """GPTQ-round the weights of every QuantLinear of a converted model in place; returns their names.
+    """GPTQ-round the weights of every Linear-input site of a converted model in place; returns the layer names.
 
     ``damp``: diagonal damping of the Hessian, as a fraction of its mean diagonal. Layers whose
     weight fake quantization is disabled are left alone; activation quantizers that are disabled
@@ -70,22 +72,24 @@ def round_weights(
             f"{len(observing)} quantizer(s) are still observing (e.g. '{observing[0]}'): call igq.convert() "
             "before round_weights, which needs the fitted activation quantizers"
         )
-    layers = {
-        name: m for name, m in model.named_modules()
-        if isinstance(m, QuantLinear) and m.weight_fake_quant_enabled and bool(m.weight_calibrated)
+    site_of = {
+        s.consumer: s for s in sites(model, "linear_input")
+        if s.weight_quantizer is not None and s.weight_quantizer.weight_fake_quant_enabled
+        and s.weight_quantizer.weight_is_calibrated
     }
+    layers = {name: s.weight_quantizer for name, s in site_of.items()}
     if not layers:
-        raise ValueError("model has no QuantLinear with a calibrated weight quantizer: quantize it with igq first")
+        raise ValueError("model has no Linear-input site with a calibrated weight quantizer: quantize it with igq first")
     inputs = to_device(concat_inputs(calibration_data), model_device(model))
 
     float_inputs: dict[str, torch.Tensor] = {}
     if compensate:
         def keep_float(name):
-            def hook(module, args):
+            def hook(_quantizer, args):
                 float_inputs.setdefault(name, args[0].detach())
             return hook
 
-        handles = [m.register_forward_pre_hook(keep_float(n)) for n, m in layers.items()]
+        handles = [s.quantizer.register_forward_pre_hook(keep_float(n)) for n, s in site_of.items()]
         try:
             with fake_quant_disabled(model):
                 run_model(model, inputs)
@@ -101,12 +105,11 @@ def round_weights(
     bar = tqdm(total=len(layers), desc="igq gptq", unit="layer", disable=not progress)
 
     def round_layer(name):
-        def hook(module, args):
+        def hook(_quantizer, _args, x_quant):  # the quantizer runs before its layer uses the weight
             calls[name] += 1
             if calls[name] > 1:
                 return
-            x = args[0]
-            x_quant = module.input_quantizer(x) if module.input_quantizer is not None else x
+            module = layers[name]
             x_float = float_inputs.pop(name) if compensate else None
             h, cross, _ = ops.input_correlations(x_quant, x_float)
             weight = module.weight
@@ -118,7 +121,7 @@ def round_weights(
             bar.update(1)
         return hook
 
-    handles = [m.register_forward_pre_hook(round_layer(n)) for n, m in layers.items()]
+    handles = [s.quantizer.register_forward_hook(round_layer(n)) for n, s in site_of.items()]
     try:
         run_model(model, inputs)
     except BaseException:

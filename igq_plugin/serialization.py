@@ -11,6 +11,7 @@ from .allocation.cost import SHAPES_ATTR
 from .config import IGQConfig
 from .quantize import CONFIG_ATTR, prepare
 from .reparam import REPARAM_ATTR
+from .sites import sites
 
 __all__ = ["save", "load", "FORMAT"]
 
@@ -24,7 +25,8 @@ def save(qmodel: nn.Module, path: Union[str, os.PathLike]) -> None:
     if not isinstance(config, IGQConfig):
         raise ValueError("qmodel is not an igq_plugin quantized model (no igq_config): quantize it with igq.quantize first")
     state = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
-    ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "state_dict": state}
+    ckpt = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "state_dict": state,
+            "sites": [[s.name, s.kind] for s in sites(qmodel)]}
     shapes = getattr(qmodel, SHAPES_ATTR, None)
     if shapes:
         ckpt["site_shapes"] = shapes  # per-instance shapes for igq.report (plain ints and strings)
@@ -56,6 +58,16 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
             f"checkpoint does not match this model architecture: missing keys {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    saved_sites = ckpt.get("sites")
+    if saved_sites is not None:
+        rebuilt = [[s.name, s.kind] for s in sites(qmodel)]
+        if [list(s) for s in saved_sites] != rebuilt:
+            lost = sorted({tuple(s) for s in map(tuple, saved_sites)} ^ {tuple(s) for s in rebuilt})
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} was saved with other quantization sites than this model and config "
+                f"give (differing (site, kind): {lost[:5]}{'...' if len(lost) > 5 else ''}): load it onto the "
+                "architecture it was quantized from"
+            )
     if ckpt.get("site_shapes"):
         setattr(qmodel, SHAPES_ATTR, ckpt["site_shapes"])
     if "reparameterized" in ckpt:

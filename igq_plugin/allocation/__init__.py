@@ -20,7 +20,8 @@ from torch import nn
 
 from ..config import CONFIG_ATTR
 from .._inputs import check_calibration_data, model_device, model_input, run_model, to_device
-from ..modules import ActQuantizer, QuantLinear, SoftmaxQuantizer, fake_quant_disabled
+from ..modules import fake_quant_disabled
+from ..sites import sites
 from ..reparam import REPARAM_ATTR, reparameterize
 from .cost import CostReport, SiteCost, _first_tensor, record_site_shapes, site_costs
 from .sensitivity import METRICS, find_blocks, output_distance, site_sensitivity
@@ -81,22 +82,21 @@ class Allocation:
 
 
 def allocatable_sites(prepared: nn.Module, config) -> dict[str, tuple[str, nn.Module]]:
-    """Quantizer name -> (cost-record name, quantizer) of the sites whose group count is allocated.
+    """Site name -> (cost-record name, quantizer) of the sites whose group count is allocated.
 
-    Linear inputs under ``act_scheme="igq"``, and post-softmax row groups unless ``softmax_groups``
-    fixes them.
+    Linear-input sites under ``act_scheme="igq"``, and post-softmax row groups unless
+    ``softmax_groups`` fixes them (igq.sites).
     """
-    sites = {}
-    for name, module in prepared.named_modules():
-        if isinstance(module, QuantLinear):
-            q = module.input_quantizer
-            if isinstance(q, ActQuantizer) and q.scheme == "igq" and config.act_scheme == "igq":
-                sites[f"{name}.input_quantizer"] = (name, q)
-        elif config.act_scheme == "igq" and config.softmax_groups is None:
-            q = getattr(module, "softmax_quantizer", None)
-            if isinstance(q, SoftmaxQuantizer):
-                sites[f"{name}.softmax_quantizer"] = (f"{name}.av", q)
-    return sites
+    if config.act_scheme != "igq":
+        return {}
+    found = {}
+    for site in sites(prepared):
+        q = site.quantizer
+        if site.kind == "linear_input" and getattr(q, "scheme", None) == "igq":
+            found[site.name] = (site.consumer, q)
+        elif site.kind == "softmax" and config.softmax_groups is None:
+            found[site.name] = (f"{site.consumer}.av", q)
+    return found
 
 
 def resolve_budget(bop_budget: Optional[float], uniform_bops: float, fp_bops: float) -> float:

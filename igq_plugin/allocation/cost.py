@@ -4,7 +4,7 @@ Shapes are recorded by forward hooks (:func:`record_site_shapes`; ``igq.calibrat
 its first batch and stores them on the model), so a report needs no extra forward pass. The
 arithmetic (MACs, BOPs, grouping overhead) is in :mod:`igq_plugin.ops.bops`.
 
-Sites and what they cost per instance:
+Sites (``igq.sites``) and what they cost per instance:
 * ``<linear>``: tokens x in x out MACs at w_bits x a_bits, plus IGQ's overhead for g > 1 groups
   (per-channel min/max, assignment, full-precision sum of g partial outputs), FP32 ops at 32 BOPs.
 * ``<conv>`` (the patch embedding): its MACs at w_bits x a_bits.
@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..attention import QuantAttention
-from ..modules import QuantConv2d, QuantLinear
+from ..sites import sites
 
 __all__ = ["SiteCost", "CostReport", "record_site_shapes", "site_costs", "SHAPES_ATTR", "FP_BITS"]
 
@@ -114,13 +113,19 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
+def _module_order(model: nn.Module) -> dict[str, int]:
+    return {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+
 @contextlib.contextmanager
 def record_site_shapes(model: nn.Module, shapes: dict):
-    """Fill ``shapes`` (module name -> per-image shape facts) from the forward passes run inside.
+    """Fill ``shapes`` (consumer name -> per-image shape facts) from the forward passes run inside.
 
-    The batch size is read from the model's own input; a site whose leading dimension holds
-    several rows per image (Swin windows) records them as ``instances`` (IGQ's per-instance
-    ranges are per row there), tokens per instance as ``tokens``.
+    Hooks sit on the registered sites (igq.sites: Linear-input and softmax quantizers, the
+    patch-embedding convolution) and on Linears left in float. The batch size is read from the
+    model's own input; a site whose leading dimension holds several rows per image (Swin
+    windows) records them as ``instances`` (IGQ's per-instance ranges are per row there), tokens
+    per instance as ``tokens``.
     """
     handles = []
     batch = {"size": None}
@@ -135,12 +140,19 @@ def record_site_shapes(model: nn.Module, shapes: dict):
         size = batch["size"] or lead
         return max(1, lead // size) if lead % size == 0 else 1
 
-    def on_linear(name):
+    def linear_facts(x: torch.Tensor, out_features: int) -> dict:
+        lead = int(x.shape[0]) if x.dim() > 1 else 1
+        return {"kind": "linear", "instances": per_image(x), "tokens": int(x.numel() // (lead * x.shape[-1])),
+                "in_features": int(x.shape[-1]), "out_features": int(out_features)}
+
+    def on_linear_site(site):
+        def hook(_quantizer, args, _output):
+            shapes[site.consumer] = linear_facts(args[0], site.weight_quantizer.weight.shape[0])
+        return hook
+
+    def on_float_linear(name):
         def hook(module, args, output):
-            x = args[0]
-            lead = int(x.shape[0]) if x.dim() > 1 else 1
-            shapes[name] = {"kind": "linear", "instances": per_image(x), "tokens": int(x.numel() // (lead * x.shape[-1])),
-                            "in_features": int(x.shape[-1]), "out_features": int(output.shape[-1])}
+            shapes[name] = linear_facts(args[0], output.shape[-1])
         return hook
 
     def on_conv(name):
@@ -149,27 +161,31 @@ def record_site_shapes(model: nn.Module, shapes: dict):
             shapes[name] = {"kind": "conv", "macs": int(output[0].numel() * k * per_image(output))}
         return hook
 
-    def on_softmax(name, attention):
-        def hook(module, args, output):
+    def on_softmax(site):
+        def hook(_quantizer, args, _output):
             a = args[0]  # [B * windows, H, N, M]
             heads, q_tokens, k_tokens = (int(d) for d in a.shape[-3:])
-            channels = attention.qkv.out_features // 3 if hasattr(attention, "qkv") else None
-            head_dim = getattr(attention, "head_dim", None) or (channels // heads if channels else None)
+            head_dim = site.info.get("head_dim")
             if head_dim is None:
-                raise ValueError(f"attention '{name}': cannot tell its head dimension for BOP counting")
-            shapes[name] = {"kind": "attention", "instances": per_image(a), "heads": heads, "q_tokens": q_tokens,
-                            "k_tokens": k_tokens, "head_dim": int(head_dim)}
+                raise ValueError(f"softmax site '{site.name}' has no info['head_dim'] for MAC counting")
+            shapes[site.consumer] = {"kind": "attention", "instances": per_image(a), "heads": heads,
+                                     "q_tokens": q_tokens, "k_tokens": k_tokens, "head_dim": int(head_dim)}
         return hook
 
     try:
         handles.append(model.register_forward_pre_hook(on_model, with_kwargs=True))
+        registered = sites(model)
+        consumers = {s.consumer for s in registered}
+        for site in registered:
+            if site.kind == "linear_input" and site.weight_quantizer is not None:
+                handles.append(site.quantizer.register_forward_hook(on_linear_site(site)))
+            elif site.kind == "conv_input" and site.weight_quantizer is not None:
+                handles.append(site.weight_quantizer.register_forward_hook(on_conv(site.consumer)))
+            elif site.kind == "softmax":
+                handles.append(site.quantizer.register_forward_hook(on_softmax(site)))
         for name, module in model.named_modules():
-            if isinstance(module, (QuantLinear, nn.Linear)):
-                handles.append(module.register_forward_hook(on_linear(name)))
-            elif isinstance(module, QuantConv2d):
-                handles.append(module.register_forward_hook(on_conv(name)))
-            elif isinstance(module, QuantAttention) and getattr(module, "softmax_quantizer", None) is not None:
-                handles.append(module.softmax_quantizer.register_forward_hook(on_softmax(name, module)))
+            if isinstance(module, nn.Linear) and name not in consumers:
+                handles.append(module.register_forward_hook(on_float_linear(name)))
         yield shapes
     finally:
         for h in handles:
@@ -180,39 +196,48 @@ def _groups(quantizer) -> int:
     return quantizer.num_groups if quantizer is not None and getattr(quantizer, "scheme", "igq") == "igq" else 1
 
 
+def _bits(quantizer) -> int:
+    return quantizer.bits if quantizer is not None else FP_BITS
+
+
 def site_costs(model: nn.Module, shapes: Optional[dict] = None) -> CostReport:
-    """Cost records of every site of a prepared / quantized model, from recorded ``shapes``."""
+    """Cost records of every site of a prepared / quantized model (igq.sites), from recorded ``shapes``."""
     shapes = getattr(model, SHAPES_ATTR, None) if shapes is None else shapes
     if not shapes:
         raise ValueError(
             "no site shapes recorded on this model: pass example_input (one batch) so one forward pass can "
             "measure them, or calibrate it with igq.calibrate / igq.quantize"
         )
-    records = []
-    for name, module in model.named_modules():
-        facts = shapes.get(name)
+    records = []  # (consumer, record)
+    registered = sites(model)
+    operands: dict[str, dict[str, nn.Module]] = {}
+    for site in registered:
+        if site.kind == "matmul_operand":
+            operands.setdefault(site.consumer, {})[site.info.get("operand")] = site.quantizer
+    for site in registered:
+        facts = shapes.get(site.consumer)
         if facts is None:
             continue
-        if isinstance(module, QuantLinear):
-            q = module.input_quantizer
-            a_bits = q.bits if q is not None else FP_BITS
+        q, wq = site.quantizer, site.weight_quantizer
+        if site.kind == "linear_input" and wq is not None:
             macs = facts["instances"] * ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
-            records.append(SiteCost(name, "linear", _groups(q), module.w_bits, a_bits, macs, facts))
-        elif isinstance(module, QuantConv2d):
-            q = module.input_quantizer
-            records.append(SiteCost(name, "conv", 1, module.w_bits, q.bits if q is not None else FP_BITS,
-                                    facts["macs"], facts))
-        elif isinstance(module, nn.Linear):
-            macs = facts["instances"] * ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
-            records.append(SiteCost(name, "float", 1, FP_BITS, FP_BITS, macs, facts))
-        elif isinstance(module, QuantAttention):
+            records.append((site.consumer, SiteCost(site.consumer, "linear", _groups(q), wq.w_bits, q.bits, macs, facts)))
+        elif site.kind == "conv_input" and wq is not None:
+            records.append((site.consumer, SiteCost(site.consumer, "conv", 1, wq.w_bits, q.bits, facts["macs"], facts)))
+        elif site.kind == "softmax":
             macs = facts["instances"] * ops.attention_macs(facts["heads"], facts["q_tokens"], facts["k_tokens"],
                                                            facts["head_dim"])
-
-            def bits(q):
-                return q.bits if q is not None else FP_BITS
-
-            records.append(SiteCost(f"{name}.qk", "qk", 1, bits(module.k_quantizer), bits(module.q_quantizer), macs, facts))
-            records.append(SiteCost(f"{name}.av", "av", _groups(module.softmax_quantizer), bits(module.v_quantizer),
-                                    bits(module.softmax_quantizer), macs, facts))
-    return CostReport(records)
+            mm = operands.get(site.consumer, {})
+            records.append((site.consumer, SiteCost(f"{site.consumer}.qk", "qk", 1, _bits(mm.get("k")),
+                                                    _bits(mm.get("q")), macs, facts)))
+            records.append((site.consumer, SiteCost(f"{site.consumer}.av", "av", _groups(q), _bits(mm.get("v")),
+                                                    q.bits, macs, facts)))
+    consumers = {s.consumer for s in registered}
+    for name, module in model.named_modules():
+        facts = shapes.get(name)
+        if isinstance(module, nn.Linear) and name not in consumers and facts is not None and facts["kind"] == "linear":
+            macs = facts["instances"] * ops.linear_macs(facts["tokens"], facts["in_features"], facts["out_features"])
+            records.append((name, SiteCost(name, "float", 1, FP_BITS, FP_BITS, macs, facts)))
+    order = _module_order(model)
+    records.sort(key=lambda r: order.get(r[0], len(order)))  # stable: qk before av
+    return CostReport([r for _, r in records])

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SENSITIVITY_METRICS as METRICS
-from ..modules import ActQuantizer, SoftmaxQuantizer, fake_quant_disabled, set_input_error_weights
+from ..modules import fake_quant_disabled, set_input_error_weights
+from ..sites import sites
 
 __all__ = ["METRICS", "output_distance", "find_blocks", "site_sensitivity"]
 
@@ -53,16 +54,17 @@ def output_distance(reference: torch.Tensor, output: torch.Tensor, metric: str) 
     raise ValueError(f"sensitivity metric must be one of {METRICS}, got {metric!r}")
 
 
-def _has_quantizer(module: nn.Module) -> bool:
-    return any(isinstance(m, (ActQuantizer, SoftmaxQuantizer)) for m in module.modules())
-
-
 def find_blocks(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
-    """(name, container) of the model's sequence of transformer blocks, or None."""
+    """(name, container) of the model's sequence of transformer blocks (each holding a registered site), or None."""
+    quantizers = {id(s.quantizer) for s in sites(model)}
+
+    def has_site(module: nn.Module) -> bool:
+        return any(id(m) in quantizers for m in module.modules())
+
     best = None
     for name, module in model.named_modules():
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            if all(_has_quantizer(child) for child in module):
+            if all(has_site(child) for child in module):
                 if best is None or len(module) > len(best[1]):
                     best = (name, module)
     return best
@@ -96,10 +98,10 @@ def _only_site(quantizer, ranges):
     """Enable one quantizer with the given ranges; restore its state (observer, buffers) afterwards."""
     saved = (quantizer.observer, {k: v.clone() for k, v in quantizer._buffers.items()}, quantizer.fake_quant_enabled)
     quantizer.observer = None
-    if isinstance(quantizer, SoftmaxQuantizer):
-        quantizer.load_ranges(ranges)
+    if isinstance(ranges, tuple):
+        quantizer.load_ranges(*ranges)  # (lo, hi) of a channel site
     else:
-        quantizer.load_ranges(*ranges)
+        quantizer.load_ranges(ranges)  # u_g of a softmax site
     quantizer.fake_quant_enabled = True
     try:
         yield

@@ -1,6 +1,8 @@
 """Pure tensor functions of igq_plugin: no module state, no config objects.
 
-Everything an integration or kernel needs to reproduce the core's arithmetic lives here.
+Everything an integration or kernel needs to reproduce the core's arithmetic lives here, and the
+``igq`` torch.library ops (:mod:`igq_plugin.ops.library`: group_fake_quant, group_quantize,
+softmax_row_fake_quant, grouped_linear) are declared here, on import.
 """
 from .bops import (
     FP_OP_BOPS,
@@ -12,14 +14,15 @@ from .bops import (
 )
 from .groups import (
     assign_groups,
+    as_instances,
     assign_rows,
     channel_ranges,
-    group_fake_quantize,
+    group_fake_quantize_reference,
     group_quant_error,
     group_qparams,
     group_quantize,
     row_maxima,
-    softmax_group_fake_quantize,
+    softmax_group_fake_quantize_reference,
     softmax_group_quantize,
 )
 from .gptq import compensated_target, gptq_quantize, hessian_error, input_correlations, round_to_nearest
@@ -32,7 +35,16 @@ from .levels import (
     softmax_level_table,
     softmax_row_scale,
 )
-from .linear import int_grouped_linear
+from .library import (
+    MAX_GROUPED_LINEAR_CHANNELS,
+    group_fake_quant_grads,
+    group_fake_quantize,
+    group_quantize_codes,
+    grouped_linear,
+    grouped_linear_reference,
+    softmax_group_fake_quantize,
+    softmax_row_fake_quant_grads,
+)
 from .metrics import cosine, sqnr_db
 from .quant import (
     MAX_BITS,

@@ -52,21 +52,24 @@ def check_softmax_quantizer(kind: str, steepness: float = DEFAULT_TANQ_STEEPNESS
 def softmax_level_table(kind: str, bits: int, steepness: float = DEFAULT_TANQ_STEEPNESS) -> torch.Tensor:
     """The 2^b dequantized values (float64, before the per-row factor s) of codes 0 .. 2^b - 1."""
     check_softmax_quantizer(kind, steepness)
-    return _level_table(kind, bits, float(steepness)).clone()
+    return torch.tensor(_level_values(kind, bits, float(steepness)), dtype=torch.float64)
 
 
 @functools.lru_cache(maxsize=64)
-def _level_table(kind: str, bits: int, steepness: float) -> torch.Tensor:
+def _level_values(kind: str, bits: int, steepness: float) -> tuple[float, ...]:
+    # Cached as Python floats, not as a tensor: a tensor constant created outside a trace cannot
+    # be used inside torch.export / torch.compile's fake mode; torch.tensor(values) can.
     n = 2**bits
     k = torch.arange(n, dtype=torch.float64)
     if kind == "uniform":
-        return k
-    if kind == "log_sqrt2":
+        table = k
+    elif kind == "log_sqrt2":
         table = torch.pow(2.0, -k / 2)
         table[-1] = 0.0
-        return table
-    y = 2 * k / (n - 1) - 1
-    return 0.5 + torch.atan(steepness * y) / (2 * math.atan(steepness))
+    else:
+        y = 2 * k / (n - 1) - 1
+        table = 0.5 + torch.atan(steepness * y) / (2 * math.atan(steepness))
+    return tuple(table.tolist())
 
 
 def softmax_row_scale(kind: str, row_hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -97,5 +100,6 @@ def dequantize_probs(
     """``s * table[codes]``."""
     if kind == "uniform":
         return codes * s  # table[k] = k
-    table = _level_table(kind, bits, float(steepness)).to(device=codes.device, dtype=codes.dtype)
+    table = torch.tensor(_level_values(kind, bits, float(steepness)), dtype=torch.float64,
+                         device=codes.device).to(codes.dtype)
     return s * table[codes.long()]

@@ -7,8 +7,11 @@ same function serves the fake-quant path and the integer reference path.
 Asymmetric b-bit quantizer on [lo, hi] (DESIGN.md §1):
     s = (hi - lo) / (2**b - 1),  z = round(-lo / s),
     q = clamp(round(x / s) + z, 0, 2**b - 1),  x_hat = s * (q - z).
-The zero point is not forced into [0, 2**b - 1]: channels whose whole range lies away
-from zero (LayerNorm outputs with an offset) keep all their levels. Store it as int32.
+Zero policy (what integer backends rely on): every range is widened to contain 0 before its
+qparams are computed (lo <- min(lo, 0), hi <- max(hi, 0)), so the zero point is an integer code
+in [0, 2**b - 1] (clamped there against float rounding) and 0.0 is represented exactly: a masked
+or padded channel dequantizes to exactly 0 on an integer kernel. A range that lies away from
+zero (a LayerNorm output with an offset) pays for this with a coarser step. Store z as int32.
 """
 from __future__ import annotations
 
@@ -50,11 +53,11 @@ def qrange(bits: int, signed: bool = False) -> tuple[int, int]:
 
 
 def asym_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the asymmetric quantizer on [lo, hi] (broadcasting)."""
-    lo = torch.as_tensor(lo)
-    hi = torch.as_tensor(hi, dtype=lo.dtype)
+    """Scale and zero point of the asymmetric quantizer on [min(lo, 0), max(hi, 0)] (broadcasting)."""
+    lo = torch.as_tensor(lo).clamp(max=0.0)
+    hi = torch.as_tensor(hi, dtype=lo.dtype, device=lo.device).clamp(min=0.0)
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
-    zero_point = torch.round(-lo / scale)
+    zero_point = torch.round(-lo / scale).clamp(0, 2**bits - 1)
     return scale, zero_point
 
 
