@@ -20,7 +20,8 @@ from .modules import (
     enable_fake_quant,
     iter_quantizers,
 )
-from .quantize import calibrate, convert, prepare, quantize
+from .quantize import adopt_hooks, calibrate, convert, prepare, quantize
+from .registry import SITE_KINDS, Site, get_site, register_site, sites
 from .reparam import reparameterize
 from .rounding import round_weights
 from .serialization import load, save
@@ -31,6 +32,12 @@ __all__ = [
     "IGQConfig",
     "quantize",
     "prepare",
+    "sites",
+    "Site",
+    "SITE_KINDS",
+    "register_site",
+    "get_site",
+    "adopt_hooks",
     "calibrate",
     "convert",
     "reparameterize",

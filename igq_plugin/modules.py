@@ -35,7 +35,7 @@ from .calibration import (
     select_group_ranges,
     fit_row_groups,
 )
-from .sites import sites
+from .registry import sites
 
 __all__ = [
     "ActQuantizer",

@@ -27,7 +27,7 @@ from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers, set_input_error_weights
 from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 from .rounding import round_weights
-from .sites import clear_sites, register_site, sites
+from .registry import clear_sites, register_site, sites
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks"]
 
@@ -168,7 +168,7 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
     """A quantization-ready copy of ``model``; ``model`` itself is never modified (unless ``inplace``).
 
     Known attention modules are replaced by quantized adapters, every Linear (and the patch
-    embedding Conv2d) by a quantized module, each registered as a site (:mod:`igq_plugin.sites`).
+    embedding Conv2d) by a quantized module, each registered as a site (:mod:`igq_plugin.registry`).
     With ``observe=True`` every quantizer records ranges on the next forward passes;
     ``observe=False`` leaves them uncalibrated (for loading a checkpoint).
 
@@ -203,10 +203,7 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
         )
     if left_float:
         logger.info("layers kept in full precision: %s", ", ".join(left_float))
-    for site in sites(prepared):
-        wq = site.weight_quantizer
-        if wq is not None and not wq.weight.is_meta:
-            wq.calibrate_weight()
+    _calibrate_weights(prepared, force=True)
     if observe:
         for _, quantizer in quantizers:
             quantizer.start_observer()
@@ -214,10 +211,24 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
     return prepared
 
 
+def _calibrate_weights(model: nn.Module, force: bool = False) -> None:
+    """Fit the weight quantizer of every site whose weights are real (not meta); with ``force=False``
+    only those not calibrated yet (weights loaded after an in-place prepare on the meta device)."""
+    for site in sites(model):
+        wq = site.weight_quantizer
+        if wq is not None and not wq.weight.is_meta and (force or not wq.weight_is_calibrated):
+            wq.calibrate_weight()
+
+
 @torch.no_grad()
 def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = True) -> int:
-    """Run calibration data through a prepared model; returns the number of batches seen."""
+    """Run calibration data through a prepared model; returns the number of batches seen.
+
+    Weight quantizers still uncalibrated (weights loaded after an in-place prepare on the meta
+    device) are fitted first, so activations are observed downstream of quantized weights.
+    """
     check_calibration_data(calibration_data)
+    _calibrate_weights(prepared)
     batches = [calibration_data] if isinstance(calibration_data, torch.Tensor) else calibration_data
     device = model_device(prepared)
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -252,10 +263,7 @@ def convert(prepared: nn.Module, *, progress: bool = True) -> nn.Module:
     if isinstance(config, IGQConfig) and config.reparam and getattr(prepared, REPARAM_ATTR, None) is None:
         reparameterize(prepared)
 
-    for site in sites(prepared):  # weights loaded after an in-place prepare on the meta device
-        wq = site.weight_quantizer
-        if wq is not None and not wq.weight_is_calibrated and not wq.weight.is_meta:
-            wq.calibrate_weight()
+    _calibrate_weights(prepared)
     set_input_error_weights(prepared)
     observing = [(n, q) for n, q in iter_quantizers(prepared) if q.observing]
     never_run = [n for n, q in observing if q.observer.num_instances == 0]

@@ -33,7 +33,7 @@ from . import ops
 from ._inputs import run_model
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import fake_quant_disabled
-from .sites import Site, sites
+from .registry import Site, sites
 
 __all__ = ["reparameterize", "find_layernorm_consumers", "EXAMPLE_ATTR", "REPARAM_ATTR"]
 

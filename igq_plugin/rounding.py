@@ -36,7 +36,7 @@ from torch import nn
 from . import ops
 from ._inputs import concat_inputs, model_device, run_model, to_device
 from .modules import fake_quant_disabled, iter_quantizers
-from .sites import sites
+from .registry import sites
 
 __all__ = ["round_weights", "ROUNDED_ATTR"]
 

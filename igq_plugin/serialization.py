@@ -11,7 +11,7 @@ from .allocation.cost import SHAPES_ATTR
 from .config import IGQConfig
 from .quantize import CONFIG_ATTR, prepare
 from .reparam import REPARAM_ATTR
-from .sites import sites
+from .registry import sites
 
 __all__ = ["save", "load", "FORMAT"]
 

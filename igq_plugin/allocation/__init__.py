@@ -21,7 +21,7 @@ from torch import nn
 from ..config import CONFIG_ATTR
 from .._inputs import check_calibration_data, model_device, model_input, run_model, to_device
 from ..modules import fake_quant_disabled
-from ..sites import sites
+from ..registry import sites
 from ..reparam import REPARAM_ATTR, reparameterize
 from .cost import CostReport, SiteCost, _first_tensor, record_site_shapes, site_costs
 from .sensitivity import METRICS, find_blocks, output_distance, site_sensitivity

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..sites import sites
+from ..registry import sites
 
 __all__ = ["SiteCost", "CostReport", "record_site_shapes", "site_costs", "SHAPES_ATTR", "FP_BITS"]
 

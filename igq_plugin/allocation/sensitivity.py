@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import SENSITIVITY_METRICS as METRICS
 from ..modules import fake_quant_disabled, set_input_error_weights
-from ..sites import sites
+from ..registry import sites
 
 __all__ = ["METRICS", "output_distance", "find_blocks", "site_sensitivity"]
 
