@@ -90,7 +90,7 @@ def quantize_probs(
     if kind == "log_sqrt2":
         k = torch.round(-2.0 * torch.log2(t))  # t = 0 -> +inf -> zero code
         return torch.clamp(k, 0, top)
-    y = (1.0 + torch.tan((2.0 * t - 1.0) * math.atan(steepness)) / steepness) / 2.0
+    y = (1.0 + torch.tan((2.0 * t - 1.0) * math.atan(steepness)) * (1.0 / steepness)) * 0.5
     return torch.clamp(torch.round(y * top), 0, top)
 
 

@@ -91,7 +91,7 @@ def group_fake_quant_grads(
     g = as_instances(grad, instance_dims).float()
     lo_e = group_lo.detach().float().clamp(max=0.0)
     hi_e = group_hi.detach().float().clamp(min=0.0)
-    raw_scale = (hi_e - lo_e) / qmax
+    raw_scale = (hi_e - lo_e) * (1.0 / qmax)  # as ops.asym_qparams computes it
     scale = raw_scale.clamp_min(_MIN_SCALE)
     zero = torch.round(-lo_e / scale).clamp(0, qmax)
     s = scale[assignment].unsqueeze(1)

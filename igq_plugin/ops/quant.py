@@ -56,7 +56,9 @@ def asym_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     """Scale and zero point of the asymmetric quantizer on [min(lo, 0), max(hi, 0)] (broadcasting)."""
     lo = torch.as_tensor(lo).clamp(max=0.0)
     hi = torch.as_tensor(hi, dtype=lo.dtype, device=lo.device).clamp(min=0.0)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
+    # Multiplying by the float32 reciprocal is exact and the same on every device (CUDA divides a
+    # tensor by a Python scalar as a multiplication by its reciprocal; the CPU truly divides).
+    scale = ((hi - lo) * (1.0 / (2**bits - 1))).clamp_min(_MIN_SCALE)
     zero_point = torch.round(-lo / scale).clamp(0, 2**bits - 1)
     return scale, zero_point
 
@@ -69,7 +71,7 @@ def asym_range(scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> tupl
 def sym_qparams(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (zero) zero point of the signed symmetric quantizer on [-amax, amax]."""
     amax = torch.as_tensor(amax)
-    scale = (amax.abs() / (2 ** (bits - 1) - 1)).clamp_min(_MIN_SCALE)
+    scale = (amax.abs() * (1.0 / (2 ** (bits - 1) - 1))).clamp_min(_MIN_SCALE)
     return scale, torch.zeros_like(scale)
 
 
