@@ -53,8 +53,13 @@ def as_instances(x: torch.Tensor, instance_dims: int = 1) -> torch.Tensor:
 
 def channel_ranges(x: torch.Tensor, instance_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-instance per-channel (min, max) of x [*instance dims, *token dims, C] -> two tensors [I, C]."""
-    lo, hi = torch.aminmax(as_instances(x, instance_dims), dim=1)
-    return lo, hi
+    return _token_ranges(as_instances(x, instance_dims))
+
+
+def _token_ranges(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # amin and amax separately: on CPU, torch.aminmax over a middle dim is ~10x slower (measured,
+    # [8, 197, 768]: 1.4 ms vs 0.1 ms), and this runs at every site of every forward.
+    return xi.amin(dim=1), xi.amax(dim=1)
 
 
 _ASSIGN_CHUNK = 4096
@@ -95,7 +100,7 @@ def _instance_assignment(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 tokens, ranges and Eq. 5 assignment [I, C] of instances xi [I, T, C] (no host sync, no chunk loop)."""
     xf = xi.float()
-    lo, hi = torch.aminmax(xf, dim=1)
+    lo, hi = _token_ranges(xf)
     return xf, group_lo.float(), _nearest_group(lo, hi, group_lo.float(), group_hi.float())
 
 
