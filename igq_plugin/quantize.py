@@ -27,7 +27,7 @@ from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers, set_input_error_weights
 from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 from .rounding import round_weights
-from .registry import clear_sites, register_site, sites
+from .registry import clear_sites, order_sites, register_site, sites
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks"]
 
@@ -194,6 +194,7 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
     if config.quantize_attention:
         _swap_attention(prepared, config)
     left_float = _swap_layers(prepared, config)
+    order_sites(prepared)
     quantizers = list(iter_quantizers(prepared))
     if not quantizers:
         clear_sites(prepared)

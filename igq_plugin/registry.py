@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["Site", "SITE_KINDS", "SITES_ATTR", "register_site", "sites", "get_site", "clear_sites"]
+__all__ = ["Site", "SITE_KINDS", "SITES_ATTR", "register_site", "sites", "get_site", "clear_sites", "order_sites"]
 
 SITE_KINDS = ("linear_input", "conv_input", "matmul_operand", "softmax")
 SITES_ATTR = "igq_sites"
@@ -90,7 +90,7 @@ def register_site(
 
 
 def sites(model: nn.Module, kind: Optional[str] = None) -> list[Site]:
-    """The sites registered on ``model`` (registration order: forward order for igq.prepare), optionally of one kind."""
+    """The sites registered on ``model`` in registration order (module order for igq.prepare), optionally of one kind."""
     if kind is not None and kind not in SITE_KINDS:
         raise ValueError(f"kind must be one of {SITE_KINDS} or None, got {kind!r}")
     return [s for s in model.__dict__.get(SITES_ATTR, {}).values() if kind is None or s.kind == kind]
@@ -101,6 +101,17 @@ def get_site(model: nn.Module, name: str) -> Site:
     if name not in registry:
         raise KeyError(f"no quantization site named '{name}'; registered: {sorted(registry)[:10]}")
     return registry[name]
+
+
+def order_sites(model: nn.Module) -> None:
+    """Reorder the registry by the position of each site's quantizer in ``model.named_modules()``
+    (module order; sites whose quantizer is not a submodule keep their order, at the end)."""
+    registry = model.__dict__.get(SITES_ATTR)
+    if not registry:
+        return
+    position = {id(m): i for i, m in enumerate(model.modules())}
+    ordered = sorted(registry.values(), key=lambda s: position.get(id(s.quantizer), len(position)))
+    model.__dict__[SITES_ATTR] = {s.name: s for s in ordered}
 
 
 def clear_sites(model: nn.Module) -> None:

@@ -139,6 +139,9 @@ def test_prepare_keeps_module_hooks_and_never_copies_an_instance_forward():
     model.blocks[0].attn.forward = lambda *args, **kwargs: pytest.fail("the float forward ran")  # as accelerate does
     prepared = igq.prepare(model, igq.IGQConfig(num_groups=2), inplace=True)
     assert "forward" not in vars(prepared.blocks[0].attn)
+    names = [s.name for s in igq.sites(prepared)]
+    assert names == [n for n, _ in prepared.named_modules() if n in set(names)]  # module order
+    assert {s.kind for s in igq.sites(prepared)} == {"conv_input", "linear_input", "matmul_operand", "softmax"}
     igq.calibrate(prepared, torch.randn(2, 3, 32, 32), progress=False)
     assert calls == ["attn", "fc1"]
     handle.remove()  # the user's handle still removes the hook from the quantized module
