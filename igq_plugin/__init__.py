@@ -19,6 +19,7 @@ from .modules import (
     disable_fake_quant,
     enable_fake_quant,
     iter_quantizers,
+    sync_calibration_state,
 )
 from .quantize import adopt_hooks, calibrate, convert, prepare, quantize
 from .registry import SITE_KINDS, Site, get_site, register_site, sites
@@ -54,6 +55,7 @@ __all__ = [
     "QuantAttention",
     "register_attention_adapter",
     "iter_quantizers",
+    "sync_calibration_state",
     "enable_fake_quant",
     "disable_fake_quant",
     "fit_group_ranges",

@@ -46,6 +46,7 @@ __all__ = [
     "enable_fake_quant",
     "disable_fake_quant",
     "fake_quant_disabled",
+    "sync_calibration_state",
 ]
 
 logger = logging.getLogger("igq_plugin")
@@ -235,11 +236,11 @@ class ActQuantizer(_Quantizer):
             self.observer.observe(x)
             return x
         self._require_calibrated()
-        if self.scheme == "igq":
+        if self.scheme != "channel":  # "igq", and "layer" as one group: igq::group_fake_quant
             return ops.group_fake_quantize(x, self.lo, self.hi, self.bits, self.instance_dims)
-        scale, zero_point = self.qparams()
+        scale, zero_point = self.qparams()  # static per-channel reference (not deployable): plain aten, float32
         qmin, qmax = ops.qrange(self.bits)
-        return ops.fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
+        return ops.fake_quantize(x.float(), scale.float(), zero_point.float(), qmin, qmax).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, bits={self.bits}, scheme={self.scheme}, groups={self.num_groups}"
@@ -384,6 +385,25 @@ class _QuantWeightMixin:
             return ops.dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight.dtype)
         return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
 
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight operand of ``igq::grouped_linear``: (int8 codes minus zero point [O, ...], float32 scale [O]),
+        so that the fake-quantized weight is ``scale * codes``.
+
+        Raises ValueError when the codes minus their zero points do not fit int8 (asymmetric 8-bit
+        weights can span [-255, 255]); weights of <= 7 bits always fit.
+        """
+        if not self.weight_is_calibrated:
+            raise RuntimeError("the weight quantizer is not calibrated: call calibrate_weight() or igq.convert() first")
+        zero = self.weight_zero_point.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+        centred = self.weight_codes().float() - zero.float()
+        lo, hi = (float(v) for v in torch.aminmax(centred))
+        if lo < -128 or hi > 127:
+            raise ValueError(
+                f"{self.w_bits}-bit weight codes minus their zero points span [{lo:.0f}, {hi:.0f}], outside int8: "
+                "igq::grouped_linear takes int8 weights; quantize this layer's weights to <= 7 bits"
+            )
+        return centred.to(torch.int8), self.weight_scale.float()
+
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes (in the weight's dtype)."""
         if self.weight_rounded:
@@ -476,12 +496,42 @@ def iter_quantizers(model: nn.Module):
             yield name, module
 
 
-def _set_fake_quant(model: nn.Module, enabled: bool) -> None:
+def _fake_quant_flags(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, flag attribute) of every quantizer and weight quantizer: igq modules, and what registered
+    sites name (an adapter's own weight quantizer needs only the weight-quantizer API)."""
+    found: dict[int, tuple[nn.Module, str]] = {}
     for module in model.modules():
         if isinstance(module, _Quantizer):
-            module.fake_quant_enabled = enabled
+            found[id(module)] = (module, "fake_quant_enabled")
         elif isinstance(module, _QuantWeightMixin):
-            module.weight_fake_quant_enabled = enabled
+            found[id(module)] = (module, "weight_fake_quant_enabled")
+    for site in sites(model):
+        if hasattr(site.quantizer, "fake_quant_enabled"):
+            found.setdefault(id(site.quantizer), (site.quantizer, "fake_quant_enabled"))
+        wq = site.weight_quantizer
+        if wq is not None and hasattr(wq, "weight_fake_quant_enabled"):
+            found.setdefault(id(wq), (wq, "weight_fake_quant_enabled"))
+    return list(found.values())
+
+
+def _set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    for module, attr in _fake_quant_flags(model):
+        setattr(module, attr, enabled)
+
+
+def sync_calibration_state(model: nn.Module) -> None:
+    """Set every quantizer's Python-side calibration flags from its persisted buffers (``calibrated``,
+    ``weight_calibrated``).
+
+    ``load_state_dict`` does this itself; call it after a loader that assigns buffers directly
+    (e.g. accelerate's meta-device loading). It reads the buffers on the host: never call it
+    inside a forward that is traced.
+    """
+    for module in model.modules():
+        if isinstance(module, _Quantizer) and not module.calibrated.is_meta:
+            module.is_calibrated = bool(module.calibrated)
+        elif isinstance(module, _QuantWeightMixin) and not module.weight_calibrated.is_meta:
+            module.weight_is_calibrated = bool(module.weight_calibrated)
 
 
 def disable_fake_quant(model: nn.Module) -> None:
@@ -501,12 +551,7 @@ def enable_fake_quant(model: nn.Module) -> None:
 @contextlib.contextmanager
 def fake_quant_disabled(model: nn.Module):
     """Run the block with every quantizer of ``model`` passing values through; restores each one's flag."""
-    saved = []
-    for module in model.modules():
-        if isinstance(module, _Quantizer):
-            saved.append((module, "fake_quant_enabled", module.fake_quant_enabled))
-        elif isinstance(module, _QuantWeightMixin):
-            saved.append((module, "weight_fake_quant_enabled", module.weight_fake_quant_enabled))
+    saved = [(module, attr, getattr(module, attr)) for module, attr in _fake_quant_flags(model)]
     disable_fake_quant(model)
     try:
         yield model

@@ -42,6 +42,7 @@ _HOOK_DICTS = (
     "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
     "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
 )
+_HOOK_FLAGS = ("_is_full_backward_hook",)  # which kind of backward hooks _backward_hooks holds
 
 
 def adopt_hooks(new: nn.Module, old: nn.Module) -> None:
@@ -55,11 +56,20 @@ def adopt_hooks(new: nn.Module, old: nn.Module) -> None:
         hooks = old.__dict__.get(attr)
         if hooks:
             new.__dict__[attr] = hooks
+    for attr in _HOOK_FLAGS:
+        if attr in old.__dict__:
+            new.__dict__[attr] = old.__dict__[attr]
+    if "forward" in old.__dict__ or hasattr(old, "_hf_hook"):
+        logger.warning(
+            "module %s has an instance-level forward / accelerate hook; its quantized replacement does not keep it "
+            "(re-attach device-placement hooks to the quantized model)", type(old).__name__,
+        )
 
 
-def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
+def _set_child(root: nn.Module, name: str, child: nn.Module, undo: list) -> None:
     """Replace submodule ``name`` by ``child``, moved to the replaced module's device (its new
-    quantizer state is created on the CPU), keeping the replaced module's hooks."""
+    quantizer state is created on the CPU), keeping the replaced module's hooks. ``undo`` records
+    (parent, attribute, old module) so a failed in-place prepare can put everything back."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, attr)
@@ -67,6 +77,7 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
     if tensor is not None:
         child.to(tensor.device)
     adopt_hooks(child, old)
+    undo.append((parent, attr, old))
     setattr(parent, attr, child)
 
 
@@ -86,7 +97,7 @@ def _weight_percentile(cfg: IGQConfig, bits: int) -> float:
     return cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(bits)
 
 
-def _swap_attention(model: nn.Module, cfg: IGQConfig) -> None:
+def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
     for name, module in list(model.named_modules()):
         adapter = attention_adapter_for(module)
         if adapter is None or not name or _matches(name, cfg.skip):
@@ -108,7 +119,7 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig) -> None:
             ),
         }
         new = adapter(module, quantizers)
-        _set_child(model, name, new)
+        _set_child(model, name, new, undo)
         head_dim = channels // module.num_heads
         for tag in ("q", "k", "v"):
             register_site(model, f"{name}.{tag}_quantizer", "matmul_operand", getattr(new, f"{tag}_quantizer"), name,
@@ -117,7 +128,7 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig) -> None:
                       info={"head_dim": head_dim})
 
 
-def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
+def _swap_layers(model: nn.Module, cfg: IGQConfig, undo: list) -> list[str]:
     """Replace Linear / patch-embedding Conv2d modules; returns names of layers left in float."""
     left_float = []
     for name, module in list(model.named_modules()):
@@ -153,7 +164,7 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig) -> list[str]:
             quantizer = _act_quantizer(cfg, bits, "layer", None, 1, site, block_site=False)
             new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits),
                               weight_clipping=cfg.weight_clipping, input_quantizer=quantizer)
-        _set_child(model, name, new)
+        _set_child(model, name, new, undo)
         kind = "linear_input" if isinstance(module, nn.Linear) else "conv_input"
         register_site(model, site, kind, quantizer, name, weight_quantizer=new)
     return left_float
@@ -176,7 +187,7 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
     own the model, e.g. a Hugging Face quantizer). The model may live on the meta device: weight
     quantizers of meta weights are left uncalibrated; call ``calibrate_weight()`` on each site's
     weight quantizer once real weights are loaded (igq.convert does it for any that are still
-    uncalibrated). Module hooks of replaced modules are kept.
+    uncalibrated). Module hooks of replaced modules are kept. If it fails, the model is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -187,24 +198,35 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
             "prepare the float model"
         )
     prepared = model if inplace else copy.deepcopy(model)
-    prepared.eval()
-    for module in prepared.modules():
-        if hasattr(module, "fused_attn"):
+    undo: list = []  # (parent, attribute, replaced module): a failed in-place prepare leaves the model as it was
+    fused = [(m, m.fused_attn) for m in prepared.modules() if hasattr(m, "fused_attn")]
+    was_training = prepared.training
+    try:
+        prepared.eval()
+        for module, _ in fused:
             module.fused_attn = False  # fused SDPA hides the softmax
-    if config.quantize_attention:
-        _swap_attention(prepared, config)
-    left_float = _swap_layers(prepared, config)
-    order_sites(prepared)
-    quantizers = list(iter_quantizers(prepared))
-    if not quantizers:
+        if config.quantize_attention:
+            _swap_attention(prepared, config, undo)
+        left_float = _swap_layers(prepared, config, undo)
+        order_sites(prepared)
+        quantizers = list(iter_quantizers(prepared))
+        if not quantizers:
+            raise ValueError(
+                f"model {type(model).__name__} has no quantizable layer: no nn.Linear (or patch-embedding Conv2d) "
+                f"outside the skip patterns {list(config.skip)}"
+            )
+        _calibrate_weights(prepared, force=True)
+    except BaseException:
+        if inplace:
+            for parent, attr, old in reversed(undo):
+                setattr(parent, attr, old)
+            for module, flag in fused:
+                module.fused_attn = flag
+            prepared.train(was_training)
         clear_sites(prepared)
-        raise ValueError(
-            f"model {type(model).__name__} has no quantizable layer: no nn.Linear (or patch-embedding Conv2d) "
-            f"outside the skip patterns {list(config.skip)}"
-        )
+        raise
     if left_float:
         logger.info("layers kept in full precision: %s", ", ".join(left_float))
-    _calibrate_weights(prepared, force=True)
     if observe:
         for _, quantizer in quantizers:
             quantizer.start_observer()

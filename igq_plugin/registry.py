@@ -20,12 +20,13 @@ The weight quantizer of a site is any module with the weight-quantizer API of
 ``weight_fake_quant_enabled``, ``weight_is_calibrated``. The site's quantizer runs before that
 module uses its weight in every forward (inside it, as in QuantLinear, or before it in the graph).
 
-The registry is a plain attribute of the root module (not in the state_dict); ``copy.deepcopy``
-of the model copies it with the modules it points to.
+The registry is a plain attribute of the module it was registered on (not in the state_dict);
+``copy.deepcopy`` of the model copies it with the modules it points to, and :func:`sites` of a
+container also lists the sites of a quantized model inside it (names prefixed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from torch import nn
@@ -90,17 +91,25 @@ def register_site(
 
 
 def sites(model: nn.Module, kind: Optional[str] = None) -> list[Site]:
-    """The sites registered on ``model`` in registration order (module order for igq.prepare), optionally of one kind."""
+    """The sites of ``model``, optionally of one kind: its own registry in registration order (module
+    order for igq.prepare), then those of submodules that hold one (a quantized model wrapped in a
+    container), with names and consumers prefixed by the submodule's name."""
     if kind is not None and kind not in SITE_KINDS:
         raise ValueError(f"kind must be one of {SITE_KINDS} or None, got {kind!r}")
-    return [s for s in model.__dict__.get(SITES_ATTR, {}).values() if kind is None or s.kind == kind]
+    found = []
+    for prefix, module in model.named_modules():
+        for site in module.__dict__.get(SITES_ATTR, {}).values():
+            if prefix:
+                site = replace(site, name=f"{prefix}.{site.name}", consumer=f"{prefix}.{site.consumer}")
+            found.append(site)
+    return [s for s in found if kind is None or s.kind == kind]
 
 
 def get_site(model: nn.Module, name: str) -> Site:
-    registry = model.__dict__.get(SITES_ATTR, {})
-    if name not in registry:
-        raise KeyError(f"no quantization site named '{name}'; registered: {sorted(registry)[:10]}")
-    return registry[name]
+    by_name = {s.name: s for s in sites(model)}
+    if name not in by_name:
+        raise KeyError(f"no quantization site named '{name}'; registered: {sorted(by_name)[:10]}")
+    return by_name[name]
 
 
 def order_sites(model: nn.Module) -> None:

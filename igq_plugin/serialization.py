@@ -1,6 +1,7 @@
 """Save and load quantized models: config + state dict (plain tensors), loadable with weights_only."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Union
 
@@ -15,8 +16,10 @@ from .registry import sites
 
 __all__ = ["save", "load", "FORMAT"]
 
+logger = logging.getLogger("igq_plugin")
+
 FORMAT = "igq_plugin.quantized_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every range contains 0 (ops.quant zero policy); checkpoints record their sites
 
 
 def save(qmodel: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -47,6 +50,12 @@ def load(path: Union[str, os.PathLike], model: nn.Module, *, map_location: Union
         raise ValueError(
             f"{os.fspath(path)!r} has format version {ckpt['format_version']}; this igq_plugin reads up to "
             f"{FORMAT_VERSION}: upgrade igq_plugin"
+        )
+    if ckpt.get("format_version", 0) < 2:
+        logger.warning(
+            "%r was saved by igq_plugin 0.1 (format 1), before every quantization range was widened to contain 0: "
+            "groups whose range excludes 0 now quantize with a coarser step, so outputs can differ from those of "
+            "the saved model; re-quantize to reproduce them under the current numerics", os.fspath(path),
         )
     config = IGQConfig.from_dict(ckpt["config"])
     qmodel = prepare(model, config, observe=False)

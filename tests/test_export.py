@@ -43,9 +43,11 @@ def test_export_quantized_timm_model(quantized, name, strict):
     ep = torch.export.export(qmodel, (x,), strict=strict)
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert IGQ_OPS <= set(targets)
-    # one group_fake_quant node per IGQ Linear-input site
-    igq_sites = [s for s in igq.sites(qmodel, "linear_input") if s.quantizer.scheme == "igq"]
-    assert targets.count("igq.group_fake_quant.default") == len(igq_sites)
+    # one group_fake_quant node per activation site ("igq" groups, and "layer" sites as one group),
+    # one softmax_row_fake_quant node per attention
+    act_sites = [s for s in igq.sites(qmodel) if getattr(s.quantizer, "scheme", None) in ("igq", "layer")]
+    assert targets.count("igq.group_fake_quant.default") == len(act_sites)
+    assert targets.count("igq.softmax_row_fake_quant.default") == len(igq.sites(qmodel, "softmax")) > 0
     with torch.no_grad():
         eager = qmodel(x)
         exported = ep.module()(x)

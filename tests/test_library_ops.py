@@ -87,7 +87,6 @@ def test_zero_policy_zero_points_in_code_range_and_zero_exact(device, bits):
     hi = torch.tensor([2.0, -0.5, 4.0, 1e-3, 5.0], device=device)
     scale, zero = ops.group_qparams(lo, hi, bits)
     assert bool((zero >= 0).all() and (zero <= 2**bits - 1).all())
-    assert torch.equal(zero, zero.round())
     # 0.0 (a masked / padded channel) dequantizes to exactly 0 in every group
     zeros = torch.zeros(1, 4, 5, device=device)
     for g in range(5):
@@ -111,10 +110,11 @@ def test_low_precision_inputs_assign_like_float32(device, dtype):
 
 @pytest.mark.parametrize("layout", LAYOUTS[:3])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_group_fake_quant_gradients_match_autograd_reference(device, layout, bits):
+@pytest.mark.parametrize("groups", GROUPS)
+def test_group_fake_quant_gradients_match_autograd_reference(device, layout, bits, groups):
     shape, instance_dims = layout
     x = _activation(shape, device, seed=bits)
-    glo, ghi = _groups(3, device, seed=bits)
+    glo, ghi = _groups(groups, device, seed=bits)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
 
     x1, lo1, hi1 = (t.clone().requires_grad_() for t in (x, glo, ghi))
@@ -143,30 +143,37 @@ def test_group_fake_quant_gradients_match_autograd_reference(device, layout, bit
     codes, _ = ops.group_quantize_codes(x, glo, ghi, bits, instance_dims)
     raw = torch.round(xi.detach() / s.detach()) + z.detach()
     outside = ((raw < 0) | (raw > qmax)).reshape(shape)
-    assert bool((x1.grad[outside] == 0).all()) and bool(outside.any() or bits == 8)
+    assert bool((x1.grad[outside] == 0).all())
 
 
 @pytest.mark.parametrize("levels", ["uniform", "log_sqrt2", "tanq"])
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_softmax_row_op_matches_reference_and_gradients(device, levels, bits):
+@pytest.mark.parametrize("ghi", [(0.5,), (0.25, 0.6, 0.9), (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)])
+def test_softmax_row_op_matches_reference_and_gradients(device, levels, bits, ghi):
     a = torch.softmax(torch.randn(2, 3, 7, 9) * 3, dim=-1).to(device)
-    ghi = torch.tensor([0.25, 0.6, 0.9], device=device)
+    ghi = torch.tensor(ghi, device=device)
     codes, assign, s = ops.softmax_group_quantize(a, ghi, bits, levels)
     u = a.amax(-1).cpu()
-    brute = torch.tensor([min(range(3), key=lambda g: (abs(float(v) - float(ghi[g])), g)) for v in u.flatten()])
+    brute = torch.tensor([min(range(ghi.numel()), key=lambda g: (abs(float(v) - float(ghi[g])), g)) for v in u.flatten()])
     assert torch.equal(assign.flatten().cpu(), brute)
     out = ops.softmax_group_fake_quantize(a, ghi, bits, levels)
     assert torch.equal(out, ops.dequantize_probs(codes, s, levels, bits))
     a1, u1 = a.clone().requires_grad_(), ghi.clone().requires_grad_()
     grad = torch.randn(a.shape).to(device)
     (ops.softmax_group_fake_quantize(a1, u1, bits, levels) * grad).sum().backward()
-    u_row = ghi[assign].unsqueeze(-1)
-    inside = a <= u_row
-    torch.testing.assert_close(a1.grad, torch.where(inside, grad, 0.0))
-    # range gradient: d a_hat / d u = (a_hat - a) / u inside, a_hat / u above, summed per group
-    d_u = torch.where(inside, (out - a) / u_row, out / u_row)
-    expect = torch.zeros(3, device=device).index_add_(0, assign.flatten(), (grad * d_u).sum(-1).flatten())
-    torch.testing.assert_close(u1.grad, expect, rtol=1e-5, atol=1e-5)
+    # Independent reference: a_hat = u * y(a / u) with the level function passed straight through inside the
+    # row's range (y = t + (table value - t), the difference detached) and the top level (1) above it.
+    a2, u2 = a.clone().requires_grad_(), ghi.clone().requires_grad_()
+    u_row = u2[assign].unsqueeze(-1)
+    t = a2 / u_row
+    level = (out / u_row).detach()
+    inside = (a <= ghi[assign].unsqueeze(-1))
+    ref = u_row * torch.where(inside, t + (level - t).detach(), level)
+    torch.testing.assert_close(ref, out, rtol=1e-6, atol=1e-6)
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u1.grad, u2.grad, rtol=1e-4, atol=1e-4)
+    assert bool((a1.grad[~inside] == 0).all())
 
 
 def _linear_case(device, bits, groups, w_bits, layout=((3, 9, 40), 1), seed=0):
@@ -211,6 +218,35 @@ def test_grouped_linear_int32_sums_exact_and_equal_fake_quant(device, bits, grou
     torch.testing.assert_close(out, y_fq, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("w_bits", [4, 7, 8])
+def test_quant_linear_runs_as_grouped_linear(device, w_bits):
+    """A calibrated QuantLinear's fake-quant forward equals igq::grouped_linear on its codes."""
+    import igq_plugin as igq
+
+    torch.manual_seed(w_bits)
+    linear = torch.nn.Linear(24, 10).to(device)
+    quantizer = igq.ActQuantizer(4, "igq", 24, 4, site="fc.input_quantizer")
+    layer = igq.QuantLinear.from_float(linear, w_bits=w_bits, input_quantizer=quantizer).to(device)
+    layer.calibrate_weight()
+    x = _activation((5, 7, 24), device)
+    quantizer.start_observer()
+    layer(x)
+    quantizer.fit()
+    if w_bits == 8:  # asymmetric 8-bit codes minus zero point do not fit int8: a clear error, not a wrap
+        with torch.no_grad():
+            layer.weight[0, 0] = layer.weight[0].abs().max() * 10  # a one-sided channel
+        layer.calibrate_weight()
+        with pytest.raises(ValueError, match="outside int8"):
+            layer.integer_weight()
+        return
+    w_int, w_scale = layer.integer_weight()
+    codes, assign = ops.group_quantize_codes(x, quantizer.lo, quantizer.hi, 4)
+    scale, zero = ops.group_qparams(quantizer.lo, quantizer.hi, 4)
+    y_int = ops.grouped_linear(codes, assign, scale, zero.to(torch.int32), w_int, w_scale, layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(y_int, layer(x), rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_linear_rejects_bad_inputs(device):
     x, glo, ghi, codes, assign, scale, zero, w_int, w_scale, bias = _linear_case(device, 4, 3, 4)
     with pytest.raises(TypeError, match="uint8 activation codes and int8 weight codes"):
@@ -221,6 +257,10 @@ def test_grouped_linear_rejects_bad_inputs(device):
         ops.grouped_linear(codes, assign, scale, zero, w_int[:, :-1], w_scale, bias)
     with pytest.raises(ValueError, match="group_scale and group_zero_point"):
         ops.grouped_linear(codes, assign, scale, zero[:-1], w_int, w_scale, bias)
+    with pytest.raises(TypeError, match="int32 group zero points"):
+        ops.grouped_linear(codes, assign, scale, zero.float(), w_int, w_scale, bias)
+    with pytest.raises(ValueError, match="out_features"):
+        ops.grouped_linear(codes, assign, scale, zero, w_int, w_scale[:-1], bias)
     with pytest.raises(ValueError, match="instance_dims"):
         ops.group_fake_quantize(x, glo, ghi, 4, instance_dims=3)
 

@@ -174,3 +174,63 @@ def test_observers_merge_shards_exactly():
     assert not torch.equal(s0.chunks()[0][0], s1.chunks()[0][0])
     s0.merge(s1)
     assert len(s0.chunks()) == 2
+
+
+def test_full_backward_hooks_survive_prepare():
+    model = FloatNet()
+    seen = []
+    model.fc2.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    prepared = igq.prepare(model, igq.IGQConfig(num_groups=2), inplace=True)
+    igq.calibrate(prepared, _data(), progress=False)
+    igq.convert(prepared, progress=False)
+    prepared(torch.randn(2, 12, 16, requires_grad=True)).sum().backward()
+    assert seen == [torch.Size([2, 12, 8])]
+
+
+def test_failed_in_place_prepare_leaves_the_model_as_it_was(monkeypatch):
+    model = FloatNet()
+    before = {name: type(m) for name, m in model.named_modules()}
+    calls = {"n": 0}
+    original = igq.QuantLinear.calibrate_weight
+
+    def fail_on_second(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk on fire")
+        original(self)
+
+    monkeypatch.setattr(igq.QuantLinear, "calibrate_weight", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        igq.prepare(model, igq.IGQConfig(num_groups=2), inplace=True)
+    assert {name: type(m) for name, m in model.named_modules()} == before and not igq.sites(model)
+    monkeypatch.setattr(igq.QuantLinear, "calibrate_weight", original)
+    assert igq.prepare(model, igq.IGQConfig(num_groups=2), inplace=True) is model  # and it can be retried
+
+
+def test_sites_of_a_wrapped_quantized_model_and_report():
+    qmodel = igq.quantize(FloatNet().eval(), igq.IGQConfig(num_groups=2), _data(), progress=False)
+    wrapper = nn.Sequential(qmodel, nn.Linear(8, 3))
+    assert [s.name for s in igq.sites(wrapper)] == ["0.fc1.input_quantizer", "0.fc2.input_quantizer"]
+    assert igq.get_site(wrapper, "0.fc1.input_quantizer").quantizer is qmodel.fc1.input_quantizer
+    report = igq.report(wrapper, torch.randn(2, 12, 16))
+    assert [(s.site, s.kind) for s in report.sites] == [("0.fc1", "linear"), ("0.fc2", "linear"), ("1", "float")]
+
+
+def test_calibration_flags_follow_the_buffers_and_sensitivity_probing_restores_them():
+    from igq_plugin.allocation.sensitivity import _only_site
+
+    qmodel = igq.quantize(FloatNet().eval(), igq.IGQConfig(num_groups=2), _data(), progress=False)
+    q = qmodel.fc1.input_quantizer
+    q._buffers["calibrated"] = torch.tensor(False)  # as a loader that assigns buffers directly would
+    igq.sync_calibration_state(qmodel)
+    assert not q.is_calibrated
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        qmodel(torch.randn(1, 12, 16))
+    q._buffers["calibrated"] = torch.tensor(True)
+    igq.sync_calibration_state(qmodel)
+    qmodel(torch.randn(1, 12, 16))
+    fresh = igq.prepare(FloatNet().eval(), igq.IGQConfig(num_groups=2))
+    p = fresh.fc1.input_quantizer
+    with _only_site(p, (torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]))):
+        assert p.is_calibrated
+    assert not p.is_calibrated and not bool(p.calibrated) and p.observing

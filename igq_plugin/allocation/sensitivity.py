@@ -95,8 +95,9 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 
 @contextlib.contextmanager
 def _only_site(quantizer, ranges):
-    """Enable one quantizer with the given ranges; restore its state (observer, buffers) afterwards."""
-    saved = (quantizer.observer, {k: v.clone() for k, v in quantizer._buffers.items()}, quantizer.fake_quant_enabled)
+    """Enable one quantizer with the given ranges; restore its state (observer, buffers, calibration flag) afterwards."""
+    saved = (quantizer.observer, {k: v.clone() for k, v in quantizer._buffers.items()}, quantizer.fake_quant_enabled,
+             quantizer.is_calibrated)
     quantizer.observer = None
     if isinstance(ranges, tuple):
         quantizer.load_ranges(*ranges)  # (lo, hi) of a channel site
@@ -110,6 +111,7 @@ def _only_site(quantizer, ranges):
         quantizer.observer = saved[0]
         for k, v in saved[1].items():
             quantizer._buffers[k] = v
+        quantizer.is_calibrated = saved[3]
 
 
 @torch.no_grad()

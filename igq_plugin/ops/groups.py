@@ -100,6 +100,8 @@ def _instance_assignment(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 tokens, ranges and Eq. 5 assignment [I, C] of instances xi [I, T, C] (no host sync, no chunk loop)."""
     xf = xi.float()
+    if group_lo.shape[0] == 1:  # one group (a layer-wise site): every channel is in it
+        return xf, group_lo.float(), torch.zeros(xf.shape[0], xf.shape[2], dtype=torch.long, device=xf.device)
     lo, hi = _token_ranges(xf)
     return xf, group_lo.float(), _nearest_group(lo, hi, group_lo.float(), group_hi.float())
 

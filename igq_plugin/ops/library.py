@@ -223,9 +223,14 @@ def softmax_group_fake_quantize(
 # --- igq::grouped_linear --------------------------------------------------------------------
 
 def _check_grouped_linear(x_codes, assignment, group_scale, group_zero_point, w_codes, w_scale, bias, instance_dims):
+    # dtypes and shapes only: checking values (zero points in [0, 255], assignment in [0, G)) would
+    # need a host synchronisation; igq_plugin produces them in range.
     if x_codes.dtype != torch.uint8 or w_codes.dtype != torch.int8:
         raise TypeError(f"grouped_linear needs uint8 activation codes and int8 weight codes, got {x_codes.dtype} "
                         f"and {w_codes.dtype}")
+    if group_zero_point.dtype != torch.int32 or assignment.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"grouped_linear needs int32 group zero points and an int32 / int64 assignment, got "
+                        f"{group_zero_point.dtype} and {assignment.dtype}")
     xi_shape = as_instances(x_codes, instance_dims).shape
     channels = x_codes.shape[-1]
     if tuple(assignment.shape) != (xi_shape[0], channels):
@@ -240,7 +245,8 @@ def _check_grouped_linear(x_codes, assignment, group_scale, group_zero_point, w_
         raise ValueError(f"group_scale and group_zero_point must both be [G], got {tuple(group_scale.shape)} and "
                          f"{tuple(group_zero_point.shape)}")
     if w_scale.shape != (w_codes.shape[0],) or (bias is not None and bias.shape != (w_codes.shape[0],)):
-        raise ValueError(f"w_scale and bias must be [{w_codes.shape[0]}]")
+        raise ValueError(f"w_scale and bias must be [{w_codes.shape[0]}] (out_features), got "
+                         f"{tuple(w_scale.shape)} and {None if bias is None else tuple(bias.shape)}")
 
 
 def grouped_linear_reference(

@@ -56,8 +56,9 @@ def asym_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.T
     """Scale and zero point of the asymmetric quantizer on [min(lo, 0), max(hi, 0)] (broadcasting)."""
     lo = torch.as_tensor(lo).clamp(max=0.0)
     hi = torch.as_tensor(hi, dtype=lo.dtype, device=lo.device).clamp(min=0.0)
-    # Multiplying by the float32 reciprocal is exact and the same on every device (CUDA divides a
-    # tensor by a Python scalar as a multiplication by its reciprocal; the CPU truly divides).
+    # Multiply by the reciprocal rather than divide by 2^b - 1: the result is then the same on every
+    # device (CUDA turns a division by a Python scalar into a multiplication by its reciprocal, the
+    # CPU truly divides, and the two can differ in the last bit).
     scale = ((hi - lo) * (1.0 / (2**bits - 1))).clamp_min(_MIN_SCALE)
     zero_point = torch.round(-lo / scale).clamp(0, 2**bits - 1)
     return scale, zero_point
