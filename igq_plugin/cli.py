@@ -95,9 +95,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     timm = _require_timm()
     from . import quantize, report, save
+    from ._io import check_output_path
     from .bench.zoo import load_timm_model
 
     cfg = _config_from_args(args)
+    if args.out:  # before the work: an output that cannot be written, or that is an input, fails now
+        check_output_path(args.out, inputs=(args.weights,))
     model = load_timm_model(args.model, args.weights, num_classes=args.num_classes)
     if not args.weights:
         logger.warning("no --weights: quantizing randomly initialised %s", args.model)
@@ -211,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError) as err:
         print(f"igq: error: {err}", file=sys.stderr)
         return 2
 

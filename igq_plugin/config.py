@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ GROUP_ALLOCATIONS = (None, "bop")
 SENSITIVITY_METRICS = ("kl", "mse")
 CONFIG_VERSION = 1
 CONFIG_ATTR = "igq_config"  # attribute of a prepared / quantized model holding its IGQConfig
+MAX_GROUPS = 1024  # group counts size per-site buffers and k-means work; the paper uses <= 16
 
 
 def _check_int(value: Any, name: str, minimum: int) -> None:
@@ -165,6 +167,10 @@ class IGQConfig:
         _check_int(self.num_groups, "num_groups", 1)
         if self.softmax_groups is not None:
             _check_int(self.softmax_groups, "softmax_groups", 1)
+        for name in ("num_groups", "softmax_groups"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_GROUPS:
+                raise ValueError(f"{name} must be <= {MAX_GROUPS} (IGQ-ViT uses 4-16 groups), got {value}")
         if not isinstance(self.quantize_attention, bool):
             raise TypeError(f"quantize_attention must be a bool, got {self.quantize_attention!r}")
         _check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
@@ -173,7 +179,8 @@ class IGQConfig:
             raise ValueError(f"tanq_steepness must be a positive number (e.g. 4.0), got {self.tanq_steepness!r}")
         _check_choice(self.reparam, "reparam", REPARAMS)
         _check_choice(self.range_update, "range_update", UPDATE_RULES)
-        if not isinstance(self.range_quantile, (int, float)) or not 0.5 < self.range_quantile <= 1.0:
+        if (isinstance(self.range_quantile, bool) or not isinstance(self.range_quantile, (int, float))
+                or not 0.5 < self.range_quantile <= 1.0):
             raise ValueError(f"range_quantile must be a float in (0.5, 1], got {self.range_quantile!r}")
         _check_int(self.kmeans_iters, "kmeans_iters", 1)
         if self.act_percentile is not None:
@@ -208,11 +215,41 @@ class IGQConfig:
         self.allocation_candidates = tuple(self.allocation_candidates)
         for g in self.allocation_candidates:
             _check_int(g, "allocation_candidates entries", 1)
+            if g > MAX_GROUPS:
+                raise ValueError(f"allocation_candidates entries must be <= {MAX_GROUPS}, got {g}")
         _check_choice(self.sensitivity_metric, "sensitivity_metric", SENSITIVITY_METRICS)
         if self.sensitivity_images is not None:
             _check_int(self.sensitivity_images, "sensitivity_images", 1)
         if self.version != CONFIG_VERSION:
             raise ValueError(f"IGQConfig version {self.version} is not supported (this igq_plugin writes {CONFIG_VERSION})")
+        if self.group_allocation is not None and self.act_scheme != "igq":
+            raise ValueError(f"group_allocation={self.group_allocation!r} chooses IGQ group counts: it needs "
+                             f"act_scheme='igq', got act_scheme={self.act_scheme!r}")
+        for message in self._ignored_fields():
+            warnings.warn(f"IGQConfig: {message}", UserWarning, stacklevel=3)
+
+    def _ignored_fields(self) -> list[str]:
+        """Messages for fields set away from their default where the rest of the config never reads them."""
+        default = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        changed = {name for name, value in default.items() if getattr(self, name) != value}
+        if tuple(self.allocation_candidates) != (1, 2, 4, 8, 12, 16):
+            changed.add("allocation_candidates")
+        rules = [
+            ("tanq_steepness", self.softmax_quantizer != "tanq", "softmax_quantizer is not 'tanq'"),
+            ("act_percentile", not (self.act_scheme == "layer" or (self.quantize_attention and self.matmul_scheme == "layer")),
+             "no site is layer-wise (act_scheme and matmul_scheme are not 'layer')"),
+            ("gptq_damp", self.weight_rounding != "gptq", "weight_rounding is not 'gptq'"),
+            ("weight_percentile", self.weight_clipping != "percentile", "weight_clipping is not 'percentile'"),
+            ("range_quantile", self.range_update in ("mean", "envelope"), f"range_update is {self.range_update!r}"),
+            ("num_groups", self.act_scheme != "igq" and self.matmul_scheme != "igq",
+             "no site uses IGQ groups (act_scheme and matmul_scheme are not 'igq')"),
+        ]
+        for name in ("bop_budget", "allocation_candidates", "sensitivity_metric", "sensitivity_images"):
+            rules.append((name, self.group_allocation is None, "group_allocation is None"))
+        for name in ("softmax_groups", "softmax_bits", "softmax_quantizer", "tanq_steepness", "matmul_scheme"):
+            rules.append((name, not self.quantize_attention, "quantize_attention is False"))
+        return [f"{name}={getattr(self, name)!r} has no effect: {why}" for name, unused, why in rules
+                if unused and name in changed]
 
     # Presets ---------------------------------------------------------------------------
     @classmethod

@@ -395,7 +395,7 @@ class _QuantWeightMixin:
         if not self.weight_is_calibrated:
             raise RuntimeError("the weight quantizer is not calibrated: call calibrate_weight() or igq.convert() first")
         zero = self.weight_zero_point.reshape((-1,) + (1,) * (self.weight.dim() - 1))
-        centred = self.weight_codes().float() - zero.float()
+        centred = self.weight_codes().detach().float() - zero.float()
         lo, hi = (float(v) for v in torch.aminmax(centred))
         if lo < -128 or hi > 127:
             raise ValueError(

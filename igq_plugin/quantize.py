@@ -192,10 +192,11 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_config(config)
-    if sites(model):
+    if sites(model) or any(True for _ in iter_quantizers(model)):
         raise ValueError(
-            f"model {type(model).__name__} already has igq quantization sites (it was prepared or quantized): "
-            "prepare the float model"
+            f"model {type(model).__name__} already has igq quantizers (it was prepared or quantized): quantizing it "
+            "again would mix old and new settings. Re-quantize from the float model (keep a copy of it, or rebuild it "
+            "and load its float weights)"
         )
     prepared = model if inplace else copy.deepcopy(model)
     undo: list = []  # (parent, attribute, replaced module): a failed in-place prepare leaves the model as it was

@@ -286,9 +286,8 @@ def test_allocation_config_validation_and_errors():
     assert igq.IGQConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="head is only used"):
         igq.quantize(tiny_vit(), igq.IGQConfig(), calib_batches(), head=torch.nn.Identity(), progress=False)
-    with pytest.raises(ValueError, match="no IGQ site"):
-        igq.quantize(tiny_vit(), igq.IGQConfig(act_scheme="layer", group_allocation="bop"), calib_batches(),
-                     progress=False)
+    with pytest.raises(ValueError, match="group_allocation='bop' chooses IGQ group counts: it needs act_scheme='igq'"):
+        igq.IGQConfig(act_scheme="layer", group_allocation="bop")
 
 
 def test_sensitivity_images_limits_the_instances(monkeypatch):

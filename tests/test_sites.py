@@ -92,7 +92,7 @@ def test_site_records_validate_kind_and_follow_deepcopy():
     for a, b in zip(igq.sites(qmodel), igq.sites(clone)):
         assert a.name == b.name and a.quantizer is not b.quantizer
         assert b.quantizer is clone.get_submodule(b.name) and b.weight_quantizer is clone.get_submodule(b.consumer)
-    with pytest.raises(ValueError, match="already has igq quantization sites"):
+    with pytest.raises(ValueError, match="already has igq quantizers"):
         igq.quantize(qmodel, igq.IGQConfig(num_groups=2), _data(), progress=False)
 
 
