@@ -35,7 +35,15 @@ def model_input(batch: Any, index: int) -> Any:
     if isinstance(batch, Mapping):
         return dict(batch)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
-        return batch[0]
+        first = batch[0]
+        later = [t for t in batch[1:] if isinstance(t, torch.Tensor)]
+        if (isinstance(first, torch.Tensor) and not first.is_floating_point() and first.dim() <= 1
+                and any(t.is_floating_point() and t.dim() > first.dim() for t in later)):
+            raise TypeError(
+                f"calibration item {index} looks like (label, image): its first element is an integer tensor of "
+                f"shape {tuple(first.shape)} and a later one a float tensor; give (image, label) pairs"
+            )
+        return first
     raise TypeError(
         f"calibration item {index} is a {type(batch).__name__}; expected a Tensor, an (input, label) "
         "tuple/list whose first element is a Tensor, or a dict of model keyword arguments"
@@ -81,3 +89,40 @@ def concat_inputs(calibration_data: Any) -> Any:
         else:
             raise ValueError(f"calibration input {key!r} is not a batched tensor and differs between items")
     return merged
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def check_batch(inputs: Any, index: int, dtype: torch.dtype | None, first_shape: tuple | None) -> tuple | None:
+    """Check one calibration batch before it runs; returns its per-instance shape (tensor inputs).
+
+    A tensor batch must be floating point of the model's dtype, and every batch must have the
+    first batch's per-instance shape (later flows, GPTQ rounding and allocation, concatenate them).
+    """
+    if not isinstance(inputs, torch.Tensor):
+        return first_shape
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"calibration batch {index} is a {inputs.dtype} tensor; the model takes floating-point inputs: "
+            "convert (and normalize) the images as for inference, e.g. batch.float() / 255 then the model's transform"
+        )
+    if dtype is not None and inputs.dtype != dtype:
+        raise TypeError(
+            f"calibration batch {index} has dtype {inputs.dtype} but the model's parameters are {dtype}: "
+            f"give batch.to({dtype}) (or convert the model)"
+        )
+    if inputs.dim() == 0:
+        raise ValueError(f"calibration batch {index} is a 0-d tensor; give a batch [B, ...] of model inputs")
+    shape = tuple(inputs.shape[1:])
+    if first_shape is not None and shape != first_shape:
+        raise ValueError(
+            f"calibration batch {index} has per-instance shape {shape} but batch 0 has {first_shape}: resize every "
+            "calibration image to one size (as the model's transform does)"
+        )
+    return shape

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import ops
 from .attention import attention_adapter_for, attention_channels
-from ._inputs import model_device, model_input, run_model, to_device, check_calibration_data
+from ._inputs import check_batch, check_calibration_data, model_device, model_dtype, model_input, run_model, to_device
 from .allocation.cost import SHAPES_ATTR, record_site_shapes
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers, set_input_error_weights
@@ -260,13 +260,27 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
     from tqdm.auto import tqdm
 
     shapes: dict = {}
+    dtype, first_shape = model_dtype(prepared), None
     for index, batch in enumerate(tqdm(batches, total=total, desc="igq calibrate", unit="batch", disable=not progress)):
-        inputs = to_device(model_input(batch, index), device)
+        raw = model_input(batch, index)
+        first_shape = check_batch(raw, index, dtype, first_shape)
+        inputs = to_device(raw, device)
         if index == 0:
             setattr(prepared, EXAMPLE_ATTR, example_slice(inputs))  # for reparameterize's checks
         # The first batch also records per-instance site shapes (MACs / BOPs for igq.report and allocation).
         with record_site_shapes(prepared, shapes) if index == 0 else contextlib.nullcontext():
-            run_model(prepared, inputs)
+            try:
+                run_model(prepared, inputs)
+            except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+                if index > 0 or isinstance(err, (ValueError, TypeError)) and "calibration" in str(err):
+                    raise
+                shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else sorted(inputs) \
+                    if isinstance(inputs, dict) else type(inputs).__name__
+                raise ValueError(
+                    f"the model failed on calibration batch 0 (input {shape}): {type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}. Give batches shaped as the model's inputs "
+                    "(e.g. [B, 3, H, W] images at the model's resolution)"
+                ) from err
         seen += 1
     if seen == 0:
         raise ValueError("calibration_data is empty: give at least one batch (the paper uses 32 images)")

@@ -203,3 +203,37 @@ def test_defaults_and_presets_do_not_warn():
 def test_contradictory_or_oversized_fields_are_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         igq.IGQConfig(**fields)
+
+
+# --- calibration inputs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, error, message", [
+    (torch.randn(4, 6, 16).half(), TypeError, "batch 0 has dtype torch.float16 but the model's parameters are torch.float32"),
+    (torch.randint(0, 255, (4, 6, 16), dtype=torch.uint8), TypeError, "batch 0 is a torch.uint8 tensor"),
+    ((torch.tensor([3, 1, 4, 1]), torch.randn(4, 6, 16)), TypeError, "looks like \\(label, image\\)"),
+    (torch.randn(4, 6, 15), ValueError, r"failed on calibration batch 0 \(input \(4, 6, 15\)\)"),
+], ids=["fp16", "uint8", "label-first", "wrong-width"])
+def test_bad_first_calibration_batch_is_named(batch, error, message):
+    model = Net().eval()
+    before = _state(model)
+    with pytest.raises(error, match=message):
+        igq.quantize(model, igq.IGQConfig(**CFG), [batch], progress=False)
+    assert _same(before, _state(model))
+
+
+def test_mixed_sizes_are_refused_at_the_first_mismatching_batch():
+    ran = []
+    model = Net().eval()
+    prepared = igq.prepare(model, igq.IGQConfig(**CFG))
+    prepared.register_forward_pre_hook(lambda m, a: ran.append(tuple(a[0].shape)))
+    batches = [torch.randn(2, 6, 16), torch.randn(2, 9, 16), torch.randn(2, 6, 16)]
+    with pytest.raises(ValueError, match=r"batch 1 has per-instance shape \(9, 16\) but batch 0 has \(6, 16\)"):
+        igq.calibrate(prepared, batches, progress=False)
+    assert ran == [(2, 6, 16)]  # refused before running the mismatching batch
+
+
+def test_wrong_rank_images_for_a_timm_model_name_the_shape():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3).eval()
+    with pytest.raises(ValueError, match=r"failed on calibration batch 0 \(input \(2, 3, 48, 48\)\)"):
+        igq.quantize(model, igq.IGQConfig(**CFG), [torch.randn(2, 3, 48, 48)], progress=False)
