@@ -67,18 +67,21 @@ def adopt_hooks(new: nn.Module, old: nn.Module) -> None:
 
 
 def _set_child(root: nn.Module, name: str, child: nn.Module, undo: list) -> None:
-    """Replace submodule ``name`` by ``child``, moved to the replaced module's device (its new
-    quantizer state is created on the CPU), keeping the replaced module's hooks. ``undo`` records
-    (parent, attribute, old module) so a failed in-place prepare can put everything back."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    old = getattr(parent, attr)
+    """Replace submodule ``name`` by ``child`` under every name that reaches the same module (a module
+    shared by several parents is quantized once and used everywhere), moved to the replaced module's
+    device (its new quantizer state is created on the CPU), keeping the replaced module's hooks.
+    ``undo`` records (parent, attribute, old module) so a failed in-place prepare can put everything back."""
+    old = root.get_submodule(name)
     tensor = next(itertools.chain(old.parameters(), old.buffers()), None)
     if tensor is not None:
         child.to(tensor.device)
     adopt_hooks(child, old)
-    undo.append((parent, attr, old))
-    setattr(parent, attr, child)
+    for other, module in root.named_modules(remove_duplicate=False):
+        if module is old and other:
+            parent_name, _, attr = other.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            undo.append((parent, attr, old))
+            setattr(parent, attr, child)
 
 
 def _act_quantizer(
@@ -98,8 +101,12 @@ def _weight_percentile(cfg: IGQConfig, bits: int) -> float:
 
 
 def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
+    unknown: dict[str, list[str]] = {}
     for name, module in list(model.named_modules()):
         adapter = attention_adapter_for(module)
+        if adapter is None and name and "attention" in type(module).__name__.lower() and not _matches(name, cfg.skip):
+            if not any("attention" in type(m).__name__.lower() for m in module.children()):  # innermost only
+                unknown.setdefault(f"{type(module).__module__}.{type(module).__qualname__}", []).append(name)
         if adapter is None or not name or _matches(name, cfg.skip):
             continue
         bits = cfg.act_bits
@@ -126,6 +133,12 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
                           info={"operand": tag, "head_dim": head_dim})
         register_site(model, f"{name}.softmax_quantizer", "softmax", new.softmax_quantizer, name,
                       info={"head_dim": head_dim})
+    for cls, names in unknown.items():
+        logger.warning(
+            "attention class %s has no igq attention adapter: the Q, K, V operands and post-softmax attention of %s "
+            "stay in full precision (its Linears are quantized); register one with igq.register_attention_adapter",
+            cls, ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""),
+        )
 
 
 def _swap_layers(model: nn.Module, cfg: IGQConfig, undo: list) -> list[str]:
@@ -135,6 +148,18 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig, undo: list) -> list[str]:
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or not name:
             continue
         if _matches(name, cfg.skip):
+            left_float.append(name)
+            continue
+        base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+        if type(module).forward is not base.forward:
+            logger.warning("%s '%s' overrides forward: left in full precision (quantizing it would drop its own "
+                           "forward)", type(module).__name__, name)
+            left_float.append(name)
+            continue
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+            logger.warning("'%s' belongs to nn.MultiheadAttention, which computes its projections inside "
+                           "F.multi_head_attention_forward: left in full precision", name)
             left_float.append(name)
             continue
         site = f"{name}.input_quantizer"

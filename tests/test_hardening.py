@@ -237,3 +237,48 @@ def test_wrong_rank_images_for_a_timm_model_name_the_shape():
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3).eval()
     with pytest.raises(ValueError, match=r"failed on calibration batch 0 \(input \(2, 3, 48, 48\)\)"):
         igq.quantize(model, igq.IGQConfig(**CFG), [torch.randn(2, 3, 48, 48)], progress=False)
+
+
+# --- no silent behaviour change ---------------------------------------------------------------------
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_linear_subclass_with_its_own_forward_is_left_float_with_a_warning(caplog):
+    model = Net().eval()
+    model.fc1 = ScaledLinear(16, 32)
+    x = torch.randn(2, 6, 16)
+    with caplog.at_level("WARNING", logger="igq_plugin"):
+        qmodel = igq.quantize(model, igq.IGQConfig(**CFG), _data(), progress=False)
+    assert "ScaledLinear 'fc1' overrides forward: left in full precision" in caplog.text
+    assert type(qmodel.fc1) is ScaledLinear and [s.consumer for s in igq.sites(qmodel)] == ["fc2"]
+    with igq.modules.fake_quant_disabled(qmodel):
+        assert torch.allclose(qmodel(x), model(x))  # the subclass's forward (x2) is still there
+
+
+def test_a_module_under_two_names_is_quantized_once_and_used_everywhere():
+    model = Net().eval()
+    model.alias = model.fc2  # the same Linear reachable as fc2 and alias
+    qmodel = igq.quantize(model, igq.IGQConfig(**CFG), _data(), progress=False)
+    assert qmodel.alias is qmodel.fc2 and isinstance(qmodel.fc2, igq.QuantLinear)
+    assert [s.consumer for s in igq.sites(qmodel)] == ["fc1", "fc2"]
+    assert isinstance(model.alias, nn.Linear) and model.alias is model.fc2  # the user's model is untouched
+
+
+def test_multihead_attention_projection_and_unknown_attention_warn_what_happens(caplog):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    with caplog.at_level("WARNING", logger="igq_plugin"):
+        qmodel = igq.quantize(Block().eval(), igq.IGQConfig(**CFG), _data(), progress=False)
+    assert "'attn.out_proj' belongs to nn.MultiheadAttention" in caplog.text
+    assert "torch.nn.modules.activation.MultiheadAttention has no igq attention adapter" in caplog.text
+    assert [s.consumer for s in igq.sites(qmodel)] == ["fc"]
