@@ -84,9 +84,16 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _load_images(folder: Path, transform, limit: int):
     from PIL import Image
 
+    if not folder.exists():
+        raise FileNotFoundError(f"calibration folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"--calib-dir {str(folder)!r} is not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
-        raise SystemExit(f"igq: no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    if len(files) < limit:
+        logger.warning("--num-calib asks for %d calibration images but %s holds %d: calibrating on %d",
+                       limit, folder, len(files), len(files))
     return [transform(Image.open(f).convert("RGB")).unsqueeze(0) for f in files]
 
 
@@ -141,6 +148,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .bench.demo import format_table, run_demo
 
+    # validate the arguments before minutes of feature extraction
+    IGQConfig(weight_bits=args.bits, act_bits=args.bits, num_groups=args.groups)
+    for flag in ("num_train", "num_test", "num_calib"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.json:
+        from ._io import check_output_path
+
+        check_output_path(args.json)
     started = time.perf_counter()
     result = run_demo(
         args.model, args.weights, bits=args.bits, groups=args.groups, num_train=args.num_train,
@@ -149,7 +165,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"\ntotal time {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        from ._io import atomic_write
+
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         print(f"wrote {args.json}")
     return 0
 
@@ -159,7 +177,7 @@ def _require_timm():
         import timm
         import timm.data  # noqa: F401
     except ImportError as err:
-        raise SystemExit(f'igq quantize needs timm: pip install "igq_plugin[timm]" ({err})') from err
+        raise ImportError(f'this igq command needs timm: pip install "igq_plugin[timm]" ({err})') from err
     return timm
 
 
@@ -214,8 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError) as err:
-        print(f"igq: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ImportError) as err:  # user errors: one line, exit 2; anything else keeps its traceback
+        print(f"igq: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

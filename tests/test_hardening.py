@@ -282,3 +282,45 @@ def test_multihead_attention_projection_and_unknown_attention_warn_what_happens(
     assert "'attn.out_proj' belongs to nn.MultiheadAttention" in caplog.text
     assert "torch.nn.modules.activation.MultiheadAttention has no igq attention adapter" in caplog.text
     assert [s.consumer for s in igq.sites(qmodel)] == ["fc"]
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("case", ["unknown-model", "weights-dir", "weights-corrupt", "weights-unsafe-pickle",
+                                  "weights-other-arch", "calib-missing", "calib-empty", "report-corrupt",
+                                  "demo-bad-bits"])
+def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, case):
+    pytest.importorskip("timm")
+    import pickle
+
+    model = ["--model", "deit_tiny_patch16_224", "--num-classes", "3"]
+    if case == "unknown-model":
+        argv = ["quantize", "--model", "deit_tinny_patch16_224"]
+        message = "unknown timm model 'deit_tinny_patch16_224'; similar names: deit"
+    elif case == "weights-dir":
+        argv, message = ["quantize", *model, "--weights", str(tmp_path)], "is a directory"
+    elif case == "weights-corrupt":
+        (tmp_path / "w.pt").write_bytes(b"garbage")
+        argv, message = ["quantize", *model, "--weights", str(tmp_path / "w.pt")], "cannot read weights file"
+    elif case == "weights-unsafe-pickle":
+        (tmp_path / "w.pt").write_bytes(pickle.dumps(_NotATensor()))
+        argv, message = ["quantize", *model, "--weights", str(tmp_path / "w.pt")], "loads tensors only"
+    elif case == "weights-other-arch":
+        import timm
+
+        torch.save(timm.create_model("deit_small_patch16_224", num_classes=3).state_dict(), tmp_path / "w.pt")
+        argv, message = ["quantize", *model, "--weights", str(tmp_path / "w.pt")], "does not fit timm model"
+    elif case == "calib-missing":
+        argv, message = ["quantize", *model, "--calib-dir", str(tmp_path / "none")], "does not exist"
+    elif case == "calib-empty":
+        argv, message = ["quantize", *model, "--calib-dir", str(tmp_path)], "no images"
+    elif case == "report-corrupt":
+        (tmp_path / "q.pt").write_bytes(b"")
+        argv, message = ["report", str(tmp_path / "q.pt"), *model], "not a readable igq_plugin checkpoint"
+    else:
+        argv, message = ["demo", "--bits", "1"], "weight_bits must be in [2, 8]"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err

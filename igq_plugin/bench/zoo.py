@@ -276,13 +276,37 @@ def load_timm_model(name: str, weights: str | os.PathLike | None = None, **kwarg
         import timm
     except ImportError as err:
         raise ImportError(f'loading timm model {name!r} needs timm: pip install "igq_plugin[timm]"') from err
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
     model = timm.create_model(name, pretrained=False, **kwargs)
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"weights file {os.fspath(weights)!r} does not exist")
+        if os.path.isdir(weights):
+            raise ValueError(f"weights {os.fspath(weights)!r} is a directory; give a state-dict file")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt files, and pickles that are more than tensors (refused, not executed)
+            raise ValueError(
+                f"cannot read weights file {os.fspath(weights)!r} as a state dict ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); igq_plugin loads tensors only "
+                "(weights_only=True): re-save it with torch.save(model.state_dict(), path)"
+            ) from None
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"weights file {os.fspath(weights)!r} holds a {type(state).__name__}, not a state dict")
+        if getattr(model, "num_classes", None) == 0:  # a headless backbone: a full checkpoint's classifier is not needed
+            heads = model.pretrained_cfg.get("classifier", "head")
+            heads = (heads,) if isinstance(heads, str) else tuple(heads)
+            state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # size mismatches: another architecture or width
+            detail = "; ".join(line.strip() for line in str(err).splitlines()[1:4] if line.strip())
+            raise ValueError(f"{weights} does not fit timm model {name!r}: {detail or err}") from None
         if missing or unexpected:
             raise ValueError(
                 f"{weights} does not fit timm model {name!r}: missing keys {missing[:5]}, unexpected keys "
