@@ -48,7 +48,9 @@ def write_markdown(path: Path, title: str, rows: list[dict], columns: list[str],
                      f"{m.get('threads')} threads, torch {m.get('torch')}.")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_suffix(".tmp")  # atomic, like save_json: a reader never sees half a table
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def save_json(path: Path, results: dict) -> None:

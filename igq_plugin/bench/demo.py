@@ -8,6 +8,7 @@ runs for any timm ViT backbone with local weights.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,8 @@ from ..config import IGQConfig
 from ..quantize import quantize
 from .data import IMAGENET_MEAN, IMAGENET_STD, calibration_photos, load_images
 from .tasks import ProbeTask
+
+logger = logging.getLogger("igq_plugin")
 
 __all__ = ["run_demo", "format_table"]
 
@@ -53,6 +56,9 @@ def run_demo(
     torch.manual_seed(0)
     model, size, mean, std, tag = _load(model_name, weights, img_size)
     photos = calibration_photos(num_calib)
+    if len(photos) < num_calib:
+        logger.warning("num_calib asks for %d calibration photos but %d are installed: calibrating on %d",
+                       num_calib, len(photos), len(photos))
     calib = list(load_images(photos, size).split(8))
     task = ProbeTask(model, num_train=num_train, num_test=num_test, img_size=size, mean=mean, std=std,
                      cache_tag=tag, progress=progress)
