@@ -35,7 +35,7 @@ from igq_plugin.bench.tasks import site_report
 from igq_plugin.modules import iter_quantizers
 
 from accuracy import build_model
-from common import machine_info, save_json, write_markdown
+from common import machine_info, save_figure, save_json, write_markdown
 
 PAPER = dict(weight_bits=4, act_bits=4, num_groups=8)  # IGQ-ViT as published: uniform softmax, percentile weights
 ALL = dict(PAPER, softmax_quantizer="tanq", weight_clipping="mse", weight_rounding="gptq", matmul_scheme="igq")
@@ -203,7 +203,7 @@ def write_outputs(results: dict, out: Path) -> None:
         for i, v in enumerate(values):
             ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "ablation_w4a4.png", dpi=110)
+    save_figure(fig, out / "ablation_w4a4.png", dpi=110)
     plt.close(fig)
 
 

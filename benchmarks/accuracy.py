@@ -39,7 +39,7 @@ from igq_plugin.bench.evaluation import SiteSQNR
 from igq_plugin.bench.tasks import ClassifierTask, ProbeTask, site_report
 from igq_plugin.bench.zoo import fmnist_input, load_dinov2_small, load_fmnist_vit, load_timm_model
 
-from common import machine_info
+from common import machine_info, save_figure, save_json, save_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -136,9 +136,7 @@ def save_cell(path: Path, key: str, cell: dict) -> dict:
     results["machine"] = machine_info()
     results["protocol"] = __doc__
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
+    save_json(path, results)
     return results
 
 
@@ -157,7 +155,7 @@ def run(args) -> dict:
     if args.fresh and path.is_file():  # drop this run's models' cells, keep the others
         results = load_results(path)
         results["cells"] = {k: c for k, c in results["cells"].items() if c["model"] not in args.models}
-        path.write_text(json.dumps(results, indent=1))
+        save_json(path, results)
     cells = load_results(path)["cells"]
     for name in args.models:
         torch.manual_seed(0)
@@ -254,7 +252,7 @@ def write_markdown(results: dict, out: Path) -> None:
                 lines.append(f"| {c['method']} | {c['bits']} | {c['top1']:.2f} | {c['gbops']:.3f} | "
                              f"{c['allocation']['budget_bops'] / 1e9:.3f} | {ref} | {c['allocate_s']:.0f} |")
             lines.append("")
-    (out / "accuracy.md").write_text("\n".join(lines))
+    save_text(out / "accuracy.md", "\n".join(lines))
 
 
 def plot(results: dict, out: Path) -> None:
@@ -281,7 +279,7 @@ def plot(results: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
+    save_figure(fig, out / "accuracy_vs_bits.png", dpi=120)
     plt.close(fig)
 
 
@@ -312,7 +310,7 @@ def plot_allocation(results: dict, out: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out / "allocation_groups.png", dpi=120)
+    save_figure(fig, out / "allocation_groups.png", dpi=120)
     plt.close(fig)
 
 
@@ -350,7 +348,7 @@ def plot_groups(out: Path, site: str = "blocks.3.mlp.fc2", bits: int = 4, groups
     ax.set_title(f"DINOv2-S {site} input, W{bits}A{bits} IGQ G={groups}\n(stars: static group ranges)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "igq_groups_site.png", dpi=120)
+    save_figure(fig, out / "igq_groups_site.png", dpi=120)
     plt.close(fig)
 
 

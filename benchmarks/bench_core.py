@@ -8,7 +8,6 @@ over --repeats runs; writes results/bench_core.{json,md} with the CPU model and 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 import igq_plugin as igq
 
-from common import machine_info, median_time, write_markdown
+from common import machine_info, median_time, save_json, write_markdown
 
 
 def main() -> None:
@@ -55,7 +54,7 @@ def main() -> None:
     meta = {"benchmark": "bench_core", "model": args.model, "calibration_images": args.images,
             "batch": args.batch, "machine": machine_info(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_core.json").write_text(json.dumps(meta, indent=2))
+    save_json(args.out / "bench_core.json", meta, indent=2)
     write_markdown(args.out / "bench_core.md", f"Core speed ({args.model}, {args.images} calibration images, batch {args.batch})",
                    rows, list(rows[0]), meta)
 

@@ -48,14 +48,24 @@ def write_markdown(path: Path, title: str, rows: list[dict], columns: list[str],
                      f"{m.get('threads')} threads, torch {m.get('torch')}.")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    tmp = path.with_suffix(".tmp")  # atomic, like save_json: a reader never sees half a table
-    tmp.write_text("\n".join(lines) + "\n")
+    save_text(path, "\n".join(lines) + "\n")  # atomic, like save_json
+
+
+def save_json(path: Path, results: dict, indent: int = 1) -> None:
+    """Write ``results`` to ``path`` atomically (a run cut off mid-write keeps the previous file)."""
+    save_text(path, json.dumps(results, indent=indent))
+
+
+def save_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
-def save_json(path: Path, results: dict) -> None:
-    """Write ``results`` to ``path`` atomically (a run cut off mid-write keeps the previous file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig`` to a temporary file, then rename: a plot is never left half written."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, **kwargs)
     tmp.replace(path)

