@@ -136,3 +136,20 @@ def test_fx_errors():
         convert_igq_fx(prepared)
     with pytest.raises(RuntimeError, match="convert_igq_fx"):
         IGQFakeQuantize(bits=4, scheme="igq", num_groups=2).calculate_qparams()
+
+
+def test_readme_fx_example_runs():
+    """README's torch.ao FX example, executed as written."""
+    pytest.importorskip("timm")
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- readme-example: torch_ao_fx -->\n```python\n(.*?)```", text, re.S)
+    assert match, "README lost its torch.ao FX example"
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only torch.ao's deprecation notice (filtered in the example) may warn
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"timm\..*")
+        exec(compile(match.group(1), "README.md", "exec"), scope)
+    assert isinstance(scope["qmodel"], torch.fx.GraphModule) and len(igq.sites(scope["qmodel"])) == 1 + 12 * 4 + 1
