@@ -119,8 +119,10 @@ def test_fx_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         prepared = quantize_fx.prepare_fx(Net().eval(), get_igq_qconfig_mapping(cfg), (torch.randn(2, 6, 16),))
+    nodes = [n.name for n in prepared.graph.nodes]
     with pytest.raises(RuntimeError, match="saw no calibration batch"):
         convert_igq_fx(prepared)
+    assert [n.name for n in prepared.graph.nodes] == nodes  # nothing changed before the error
     with pytest.raises(ValueError, match="no IGQFakeQuantize"):
         convert_igq_fx(torch.fx.symbolic_trace(Net()))
     with pytest.raises(TypeError, match="GraphModule returned by prepare_fx"):

@@ -172,15 +172,13 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
     if mixed:
         raise ValueError(f"the model mixes torch.ao's own fake-quant / observers ({mixed[0].target}) with IGQ ones: "
                          "build the qconfig mapping with get_igq_qconfig_mapping only")
-    kept, consumers = [], {}
-    for node, fq in fake_quants:
+    kept, dropped, consumers = [], [], {}
+    for node, fq in fake_quants:  # decide and validate everything before the graph changes
         layers = _fed_layers(prepared, node)
         if layers is not None:  # layers the config leaves float are not fed a quantizer
             layers = [name for name in layers if _layer_settings(cfg, name) is not None] or None
         if layers is None:  # torch.ao also observes outputs: IGQ keeps those in float
-            node.replace_all_uses_with(node.args[0])
-            prepared.graph.erase_node(node)
-            prepared.delete_submodule(node.target)
+            dropped.append(node)
             continue
         if fq.quantizer is None:
             raise RuntimeError(f"'{node.target}' (input of {', '.join(layers)}) saw no calibration batch: run "
@@ -196,6 +194,10 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
                 )
         kept.append((node, fq))
         consumers[node.target] = layers
+    for node in dropped:
+        node.replace_all_uses_with(node.args[0])
+        prepared.graph.erase_node(node)
+        prepared.delete_submodule(node.target)
     for node, fq in kept:
         quantizer = fq.quantizer
         prepared.delete_submodule(node.target)
