@@ -8,18 +8,11 @@ import torch
 from torch import nn
 
 import igq_plugin as igq
+from nets import MLP
 from igq_plugin.cli import main
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+Net = MLP
 
 
 def _data():

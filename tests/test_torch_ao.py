@@ -10,20 +10,13 @@ import torch
 from torch import nn
 
 import igq_plugin as igq
+from nets import MLP
 
 quantize_fx = pytest.importorskip("torch.ao.quantization.quantize_fx")
 from igq_plugin.integrations.torch_ao import IGQFakeQuantize, convert_igq_fx, get_igq_qconfig_mapping  # noqa: E402
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+Net = MLP
 
 
 def _fx(model, cfg, data):
