@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .modules import ActQuantizer, SoftmaxQuantizer
+from .modules import ActQuantizer
 
 __all__ = [
     "QuantAttention",
