@@ -3,11 +3,10 @@ eager, torch.export.save / load round trip. Small random-weight models (the grap
 import io
 
 import pytest
+import timm
 import torch
 
 import igq_plugin as igq
-
-timm = pytest.importorskip("timm")
 
 # name -> (factory, image size). Small depths and widths keep export fast on 2 cores; the module
 # classes (timm Attention, Swin WindowAttention, DINOv2 layer-scale blocks) are the real ones.

@@ -148,7 +148,6 @@ def test_format_1_checkpoints_load_with_a_warning(saved, caplog):
 # --- command line ---------------------------------------------------------------------------------
 
 def test_cli_refuses_out_equal_to_weights_before_any_work(tmp_path, capsys):
-    pytest.importorskip("timm")
     weights = tmp_path / "w.pt"
     torch.save({"not": torch.ones(1)}, weights)
     before = weights.read_bytes()
@@ -226,7 +225,8 @@ def test_mixed_sizes_are_refused_at_the_first_mismatching_batch():
 
 
 def test_wrong_rank_images_for_a_timm_model_name_the_shape():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3).eval()
     with pytest.raises(ValueError, match=r"failed on calibration batch 0 \(input \(2, 3, 48, 48\)\)"):
         igq.quantize(model, igq.IGQConfig(**CFG), [torch.randn(2, 3, 48, 48)], progress=False)
@@ -285,7 +285,6 @@ class _NotATensor:
                                   "weights-other-arch", "calib-missing", "calib-empty", "report-corrupt",
                                   "demo-bad-bits"])
 def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, case):
-    pytest.importorskip("timm")
     import pickle
 
     model = ["--model", "deit_tiny_patch16_224", "--num-classes", "3"]

@@ -131,7 +131,8 @@ def test_prepare_in_place_on_meta_device_then_load_weights_and_calibrate():
 
 
 def test_prepare_keeps_module_hooks_and_never_copies_an_instance_forward():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
     calls = []
     model.blocks[0].attn.register_forward_hook(lambda m, a, o: calls.append("attn"))

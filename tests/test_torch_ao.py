@@ -6,14 +6,14 @@ sites, ranges, weight codes and outputs."""
 import warnings
 
 import pytest
+import timm
 import torch
 from torch import nn
+from torch.ao.quantization import quantize_fx
 
 import igq_plugin as igq
 from nets import MLP
-
-quantize_fx = pytest.importorskip("torch.ao.quantization.quantize_fx")
-from igq_plugin.integrations.torch_ao import IGQFakeQuantize, convert_igq_fx, get_igq_qconfig_mapping  # noqa: E402
+from igq_plugin.integrations.torch_ao import IGQFakeQuantize, convert_igq_fx, get_igq_qconfig_mapping
 
 
 Net = MLP
@@ -40,7 +40,6 @@ def _core_float_weight_calibration(model, cfg, data):
 
 
 def _models():
-    timm = pytest.importorskip("timm")
     return {
         "mlp": (Net().eval(), [torch.randn(4, 6, 16) for _ in range(3)], torch.randn(3, 6, 16)),
         "deit": (_unfused(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
@@ -135,7 +134,6 @@ def test_fx_errors():
 
 def test_readme_fx_example_runs():
     """README's torch.ao FX example, executed as written."""
-    pytest.importorskip("timm")
     import re
     from pathlib import Path
 
