@@ -21,7 +21,17 @@ from .modules import (
     iter_quantizers,
     sync_calibration_state,
 )
-from .quantize import adopt_hooks, calibrate, convert, prepare, quantize
+from .quantize import (
+    LayerSettings,
+    act_quantizer_kwargs,
+    adopt_hooks,
+    calibrate,
+    convert,
+    layer_settings,
+    prepare,
+    quantize,
+    quantized_layer,
+)
 from .registry import SITE_KINDS, Site, get_site, register_site, sites
 from .reparam import reparameterize
 from .rounding import round_weights
@@ -39,6 +49,10 @@ __all__ = [
     "register_site",
     "get_site",
     "adopt_hooks",
+    "LayerSettings",
+    "layer_settings",
+    "act_quantizer_kwargs",
+    "quantized_layer",
     "calibrate",
     "convert",
     "reparameterize",

@@ -14,6 +14,7 @@ import fnmatch
 import itertools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -29,7 +30,8 @@ from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 from .rounding import round_weights
 from .registry import clear_sites, order_sites, register_site, sites
 
-__all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks"]
+__all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks", "LayerSettings",
+           "layer_settings", "act_quantizer_kwargs", "quantized_layer"]
 
 logger = logging.getLogger("igq_plugin")
 
@@ -84,20 +86,57 @@ def _set_child(root: nn.Module, name: str, child: nn.Module, undo: list) -> None
             setattr(parent, attr, child)
 
 
+@dataclass(frozen=True)
+class LayerSettings:
+    """What an IGQConfig gives one weighted layer (see :func:`layer_settings`)."""
+
+    w_bits: int
+    a_bits: int
+    scheme: str  # of the layer's input quantizer
+    groups: int
+    block_site: bool  # a transformer-block layer (``act_percentile`` applies to its layer-wise input)
+
+
+def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[LayerSettings]:
+    """The quantization ``cfg`` gives the Linear / Conv2d ``module`` named ``name``, or None when it stays
+    float (``skip``, a Conv2d other than the patch embedding, or bits None). Patch embedding and head are
+    layer-wise at ``embed_bits`` / ``head_bits``; other Linears get the block settings. Every flow that
+    swaps layers (igq.prepare, the framework adapters) asks this one function."""
+    if _matches(name, cfg.skip):
+        return None
+    for patterns, bits in ((cfg.embed_patterns, cfg.embed_bits), (cfg.head_patterns, cfg.head_bits)):
+        if _matches(name, patterns):
+            return None if bits is None else LayerSettings(bits, bits, "layer", 1, block_site=False)
+    if not isinstance(module, nn.Linear):
+        return None  # only the patch-embedding convolution is quantized
+    return LayerSettings(cfg.weight_bits, cfg.act_bits, cfg.act_scheme, cfg.num_groups, block_site=True)
+
+
+def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *, block_site: bool = True) -> dict:
+    """Keyword arguments of the ActQuantizer of one site (all but ``channels`` and ``site``);
+    ``act_percentile`` applies to layer-wise sites inside the blocks."""
+    percentile = cfg.act_percentile if block_site and scheme == "layer" else None
+    return dict(bits=bits, scheme=scheme, num_groups=groups, update=cfg.range_update, quantile=cfg.range_quantile,
+                kmeans_iters=cfg.kmeans_iters, percentile=percentile)
+
+
 def _act_quantizer(
     cfg: IGQConfig, bits: int, scheme: str, channels: Optional[int], groups: int, site: str, *, block_site: bool = True
 ) -> ActQuantizer:
-    """Activation quantizer of a site; ``act_percentile`` applies to layer-wise sites inside the blocks."""
-    percentile = cfg.act_percentile if block_site and scheme == "layer" else None
-    return ActQuantizer(
-        bits, scheme, channels, groups,
-        update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
-        percentile=percentile, site=site,
-    )
+    return ActQuantizer(channels=channels, site=site, **act_quantizer_kwargs(cfg, bits, scheme, groups,
+                                                                             block_site=block_site))
 
 
-def _weight_percentile(cfg: IGQConfig, bits: int) -> float:
-    return cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(bits)
+def quantized_layer(module: nn.Module, cfg: IGQConfig, settings: LayerSettings,
+                    input_quantizer: Optional[ActQuantizer] = None) -> nn.Module:
+    """The QuantLinear / QuantConv2d that replaces ``module`` under ``settings`` (weight bits, clipping and
+    percentile from ``cfg``), with ``input_quantizer`` inside it (None: the input is quantized elsewhere)."""
+    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(settings.w_bits)
+    if isinstance(module, nn.Linear):
+        return QuantLinear.from_float(module, w_bits=settings.w_bits, weight_percentile=pct,
+                                      weight_clipping=cfg.weight_clipping, input_quantizer=input_quantizer)
+    return QuantConv2d(module, w_bits=settings.w_bits, weight_percentile=pct, weight_clipping=cfg.weight_clipping,
+                       input_quantizer=input_quantizer)
 
 
 def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
@@ -147,7 +186,8 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig, undo: list) -> list[str]:
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or not name:
             continue
-        if _matches(name, cfg.skip):
+        settings = layer_settings(cfg, name, module)
+        if settings is None:
             left_float.append(name)
             continue
         base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
@@ -163,32 +203,10 @@ def _swap_layers(model: nn.Module, cfg: IGQConfig, undo: list) -> list[str]:
             left_float.append(name)
             continue
         site = f"{name}.input_quantizer"
-        block_site = False
-        if _matches(name, cfg.embed_patterns):
-            w_bits = bits = cfg.embed_bits
-            scheme, groups = "layer", 1
-        elif _matches(name, cfg.head_patterns):
-            w_bits = bits = cfg.head_bits
-            scheme, groups = "layer", 1
-        elif isinstance(module, nn.Conv2d):
-            left_float.append(name)  # only the patch embedding convolution is quantized
-            continue
-        else:
-            w_bits, bits = cfg.weight_bits, cfg.act_bits
-            scheme, groups, block_site = cfg.act_scheme, cfg.num_groups, True
-        if bits is None:
-            left_float.append(name)
-            continue
-        if isinstance(module, nn.Linear):
-            quantizer = _act_quantizer(cfg, bits, scheme, module.in_features, groups, site, block_site=block_site)
-            new = QuantLinear.from_float(
-                module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits),
-                weight_clipping=cfg.weight_clipping, input_quantizer=quantizer
-            )
-        else:
-            quantizer = _act_quantizer(cfg, bits, "layer", None, 1, site, block_site=False)
-            new = QuantConv2d(module, w_bits=w_bits, weight_percentile=_weight_percentile(cfg, w_bits),
-                              weight_clipping=cfg.weight_clipping, input_quantizer=quantizer)
+        channels = module.in_features if isinstance(module, nn.Linear) else None
+        quantizer = _act_quantizer(cfg, settings.a_bits, settings.scheme, channels, settings.groups, site,
+                                   block_site=settings.block_site)
+        new = quantized_layer(module, cfg, settings, quantizer)
         _set_child(model, name, new, undo)
         kind = "linear_input" if isinstance(module, nn.Linear) else "conv_input"
         register_site(model, site, kind, quantizer, name, weight_quantizer=new)

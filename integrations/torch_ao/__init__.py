@@ -79,9 +79,9 @@ class IGQFakeQuantize(FakeQuantizeBase):
                            "igq_plugin.integrations.torch_ao.convert_igq_fx, not torch.ao's convert_fx")
 
 
-def _quantizer_kwargs(cfg: igq.IGQConfig, bits: int, scheme: str, groups: int, percentile: Optional[float]) -> dict:
-    return dict(bits=bits, scheme=scheme, num_groups=groups, update=cfg.range_update, quantile=cfg.range_quantile,
-                kmeans_iters=cfg.kmeans_iters, percentile=percentile)
+def _qconfig(quantizer_kwargs: dict) -> QConfig:
+    return QConfig(activation=IGQFakeQuantize.with_args(**quantizer_kwargs),
+                   weight=PlaceholderObserver.with_args(dtype=torch.float))  # weights: the core's, at convert
 
 
 def get_igq_qconfig(cfg: Optional[igq.IGQConfig] = None, *, bits: Optional[int] = None, scheme: Optional[str] = None,
@@ -91,12 +91,9 @@ def get_igq_qconfig(cfg: Optional[igq.IGQConfig] = None, *, bits: Optional[int] 
     cfg = igq.IGQConfig() if cfg is None else cfg
     if not isinstance(cfg, igq.IGQConfig):
         raise TypeError(f"cfg must be an igq_plugin.IGQConfig, got {type(cfg).__name__}")
-    scheme = cfg.act_scheme if scheme is None else scheme
-    percentile = cfg.act_percentile if scheme == "layer" else None
-    kwargs = _quantizer_kwargs(cfg, cfg.act_bits if bits is None else bits, scheme,
-                               cfg.num_groups if num_groups is None else num_groups, percentile)
-    return QConfig(activation=IGQFakeQuantize.with_args(**kwargs),
-                   weight=PlaceholderObserver.with_args(dtype=torch.float))  # weights: the core's, at convert
+    return _qconfig(igq.act_quantizer_kwargs(cfg, cfg.act_bits if bits is None else bits,
+                                             cfg.act_scheme if scheme is None else scheme,
+                                             cfg.num_groups if num_groups is None else num_groups))
 
 
 def _regex(patterns: tuple[str, ...]) -> Optional[str]:
@@ -111,7 +108,7 @@ def get_igq_qconfig_mapping(cfg: Optional[igq.IGQConfig] = None) -> QConfigMappi
     for patterns, bits in ((cfg.embed_patterns, cfg.embed_bits), (cfg.head_patterns, cfg.head_bits)):
         regex = _regex(patterns)
         if regex:
-            layer = None if bits is None else get_igq_qconfig(cfg, bits=bits, scheme="layer", num_groups=1)
+            layer = None if bits is None else _qconfig(igq.act_quantizer_kwargs(cfg, bits, "layer", 1, block_site=False))
             mapping = mapping.set_module_name_regex(regex, layer)
     if cfg.skip:
         mapping = mapping.set_module_name_regex(_regex(cfg.skip), None)
@@ -136,16 +133,6 @@ def _fed_layers(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[list[
             return None
         names.append(user.target)
     return names or None
-
-
-def _layer_settings(cfg: igq.IGQConfig, name: str) -> Optional[tuple[int, int, str]]:
-    """(weight bits, input bits, input scheme) the config gives layer ``name``; None if it stays float."""
-    if any(fnmatch.fnmatchcase(name, p) for p in cfg.skip):
-        return None
-    for patterns, bits in ((cfg.embed_patterns, cfg.embed_bits), (cfg.head_patterns, cfg.head_bits)):
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            return None if bits is None else (bits, bits, "layer")
-    return cfg.weight_bits, cfg.act_bits, cfg.act_scheme
 
 
 def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *,
@@ -176,7 +163,7 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
     for node, fq in fake_quants:  # decide and validate everything before the graph changes
         layers = _fed_layers(prepared, node)
         if layers is not None:  # layers the config leaves float are not fed a quantizer
-            layers = [name for name in layers if _layer_settings(cfg, name) is not None] or None
+            layers = [name for name in layers if igq.layer_settings(cfg, name, prepared.get_submodule(name))] or None
         if layers is None:  # torch.ao also observes outputs: IGQ keeps those in float
             dropped.append(node)
             continue
@@ -184,7 +171,8 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
             raise RuntimeError(f"'{node.target}' (input of {', '.join(layers)}) saw no calibration batch: run "
                                "calibration data through the prepared model before convert_igq_fx")
         for name in layers:  # torch.ao may reuse the previous layer's output observer as this input's
-            bits, scheme = _layer_settings(cfg, name)[1:]
+            settings = igq.layer_settings(cfg, name, prepared.get_submodule(name))
+            bits, scheme = settings.a_bits, settings.scheme
             q = fq.quantizer
             if (q.bits, q.scheme) != (bits, scheme):
                 raise ValueError(
@@ -204,15 +192,8 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
         prepared.add_submodule(node.target, quantizer)  # the graph calls the core quantizer (igq op) directly
         for name in consumers[node.target]:
             module = prepared.get_submodule(name)
-            w_bits = _layer_settings(cfg, name)[0]
-            pct = cfg.weight_percentile if cfg.weight_percentile is not None else igq.ops.default_weight_percentile(w_bits)
-            if isinstance(module, nn.Linear):
-                new = igq.QuantLinear.from_float(module, w_bits=w_bits, weight_percentile=pct,
-                                                 weight_clipping=cfg.weight_clipping)
-                kind = "linear_input"
-            else:
-                new = igq.QuantConv2d(module, w_bits=w_bits, weight_percentile=pct, weight_clipping=cfg.weight_clipping)
-                kind = "conv_input"
+            new = igq.quantized_layer(module, cfg, igq.layer_settings(cfg, name, module))
+            kind = "linear_input" if isinstance(module, nn.Linear) else "conv_input"
             igq.adopt_hooks(new, module)
             parent, _, attr = name.rpartition(".")
             setattr(prepared.get_submodule(parent) if parent else prepared, attr, new)
