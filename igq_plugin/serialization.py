@@ -13,7 +13,7 @@ from .config import IGQConfig
 from .quantize import CONFIG_ATTR, prepare
 from .reparam import REPARAM_ATTR
 from ._io import atomic_write
-from .modules import _QuantWeightMixin, iter_quantizers
+from .modules import iter_quantizers
 from .registry import sites
 
 __all__ = ["save", "load", "FORMAT"]
@@ -139,9 +139,8 @@ def _check_loaded(qmodel: nn.Module, state: dict, name: str) -> None:
                 problems.append(f"{qname}.{buf} holds NaN or Inf")
         if hasattr(q, "lo") and q.lo.shape != q.hi.shape:
             problems.append(f"{qname}.lo has shape {tuple(q.lo.shape)} but {qname}.hi {tuple(q.hi.shape)}")
-    for mname, m in qmodel.named_modules():
-        if not isinstance(m, _QuantWeightMixin):
-            continue
+    for m, mname in {id(s.weight_quantizer): (s.weight_quantizer, s.consumer) for s in sites(qmodel)
+                     if s.weight_quantizer is not None}.values():
         prefix = f"{mname}." if mname else ""
         if not m.weight_is_calibrated:
             problems.append(f"{prefix}weight_calibrated is False")

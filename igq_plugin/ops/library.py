@@ -42,6 +42,7 @@ from .groups import (
     _instance_assignment,
     assign_rows,
     group_fake_quantize_reference,
+    group_qparams,
     group_quantize,
     row_maxima,
     softmax_group_fake_quantize_reference,
@@ -89,11 +90,10 @@ def group_fake_quant_grads(
     qmax = 2**bits - 1
     xf, _, assignment = _instance_assignment(as_instances(x.detach(), instance_dims), group_lo, group_hi)
     g = as_instances(grad, instance_dims).float()
-    lo_e = group_lo.detach().float().clamp(max=0.0)
-    hi_e = group_hi.detach().float().clamp(min=0.0)
-    raw_scale = (hi_e - lo_e) * (1.0 / qmax)  # as ops.asym_qparams computes it
-    scale = raw_scale.clamp_min(_MIN_SCALE)
-    zero = torch.round(-lo_e / scale).clamp(0, qmax)
+    lo_f, hi_f = group_lo.detach().float(), group_hi.detach().float()
+    scale, zero = group_qparams(lo_f, hi_f, bits)  # the forward's quantizers
+    lo_e = lo_f.clamp(max=0.0)  # the widened range's lower end
+    live = ((hi_f.clamp(min=0.0) - lo_e) * (1.0 / qmax) >= _MIN_SCALE).float()  # the step floor has no gradient
     s = scale[assignment].unsqueeze(1)
     z = zero[assignment].unsqueeze(1)
     lo_c = lo_e[assignment].unsqueeze(1)
@@ -109,8 +109,7 @@ def group_fake_quant_grads(
     per_hi = (g * d_s).sum(1) / qmax  # [I, C]
     per_lo = (g * (d_lo - d_s / qmax)).sum(1)
     flat = assignment.reshape(-1)
-    live = (raw_scale >= _MIN_SCALE).float()  # the step floor has no gradient
-    grad_hi = torch.zeros_like(hi_e).index_add_(0, flat, per_hi.reshape(-1)) * live * (group_hi >= 0).float()
+    grad_hi = torch.zeros_like(hi_f).index_add_(0, flat, per_hi.reshape(-1)) * live * (group_hi >= 0).float()
     grad_lo = torch.zeros_like(lo_e).index_add_(0, flat, per_lo.reshape(-1)) * live * (group_lo <= 0).float()
     return grad_x, grad_lo.to(group_lo.dtype), grad_hi.to(group_hi.dtype)
 
