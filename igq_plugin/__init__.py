@@ -25,12 +25,14 @@ from .quantize import (
     LayerSettings,
     act_quantizer_kwargs,
     adopt_hooks,
+    attention_quantizer,
     calibrate,
     convert,
     layer_settings,
     prepare,
     quantize,
     quantized_layer,
+    register_attention_sites,
 )
 from .registry import SITE_KINDS, Site, get_site, register_site, sites
 from .reparam import reparameterize
@@ -49,6 +51,8 @@ __all__ = [
     "register_site",
     "get_site",
     "adopt_hooks",
+    "attention_quantizer",
+    "register_attention_sites",
     "LayerSettings",
     "layer_settings",
     "act_quantizer_kwargs",

@@ -22,11 +22,48 @@ from .modules import ActQuantizer
 
 __all__ = [
     "QuantAttention",
+    "OperandQuantizer",
+    "quantize_operand",
     "register_attention_adapter",
     "attention_adapter_for",
     "attention_channels",
     "ATTENTION_ADAPTERS",
 ]
+
+
+def quantize_operand(quantizer: ActQuantizer, t: torch.Tensor, channel_axis: int = -1) -> torch.Tensor:
+    """Quantize an attention operand [B, H, X, Y] (or [B, X, Y]) whose channel (head feature) axis is
+    ``channel_axis`` (-1: Q / V as [.., N, d]; -2: K transposed, [.., d, N]). Per-channel schemes see
+    the channels H*d of each token, as the projection wrote them; instances are the images."""
+    if quantizer.scheme == "layer":
+        return quantizer(t)
+    if channel_axis not in (-1, -2) or t.dim() not in (3, 4):
+        raise ValueError(f"site '{quantizer.site}': an attention operand is [B, H, X, Y] or [B, X, Y] with its channel "
+                         f"axis -1 or -2; got shape {tuple(t.shape)}, channel_axis {channel_axis}")
+    if channel_axis == -2:
+        t = t.transpose(-2, -1)
+    if t.dim() == 3:
+        out = quantizer(t)
+    else:
+        b, h, n, d = t.shape
+        out = quantizer(t.transpose(1, 2).reshape(b, n, h * d)).reshape(b, n, h, d).transpose(1, 2)
+    return out.transpose(-2, -1) if channel_axis == -2 else out
+
+
+class OperandQuantizer(nn.Module):
+    """A Q, K or V site in a graph that keeps the attention operands apart (torch.ao FX / pt2e):
+    :func:`quantize_operand` with the site's ActQuantizer (``quantizer``, the registered one)."""
+
+    def __init__(self, quantizer: ActQuantizer, channel_axis: int = -1) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.channel_axis = channel_axis
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return quantize_operand(self.quantizer, t, self.channel_axis)
+
+    def extra_repr(self) -> str:
+        return f"channel_axis={self.channel_axis}"
 
 
 class QuantAttention(nn.Module):
@@ -46,14 +83,7 @@ class QuantAttention(nn.Module):
             setattr(self, name, q)
 
     def _quant_operand(self, quantizer: Optional[ActQuantizer], t: torch.Tensor) -> torch.Tensor:
-        """Quantize a [B, H, N, d] operand; per-channel schemes see channels H*d, as the projection wrote them."""
-        if quantizer is None:
-            return t
-        if quantizer.scheme == "layer":
-            return quantizer(t)
-        b, h, n, d = t.shape
-        flat = t.transpose(1, 2).reshape(b, n, h * d)
-        return quantizer(flat).reshape(b, n, h, d).transpose(1, 2)
+        return t if quantizer is None else quantize_operand(quantizer, t)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(Q_hat K_hat^T + bias) quantized by row groups, times V_hat. q is already scaled."""

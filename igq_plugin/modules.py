@@ -87,8 +87,35 @@ class _Quantizer(nn.Module):
                 "prepared model and call igq.convert(), or use igq.quantize()"
             )
 
+    _RANGES: tuple[str, ...] = ()  # names of the range tensors (buffers, or parameters once learnable)
+
+    def _set_range(self, name: str, value: torch.Tensor) -> None:
+        """Replace a range tensor (its shape may change), keeping it a Parameter if it was made learnable."""
+        if name in self._parameters:
+            self._parameters[name] = nn.Parameter(value, requires_grad=self._parameters[name].requires_grad)
+        else:
+            setattr(self, name, value)
+
+    def learn_ranges(self, learn: bool = True) -> None:
+        """Make the static ranges trainable parameters (LSQ-style: the igq ops give their gradients), or
+        buffers again with ``learn=False``. State-dict keys do not change. Needs a calibrated quantizer."""
+        if learn and not self.is_calibrated:
+            raise RuntimeError(f"quantizer at site '{self.site}' is not calibrated: fit its ranges before learning them")
+        for name in self._RANGES:
+            value = getattr(self, name).detach()
+            if learn and name in self._buffers:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(value.clone()))
+            elif not learn and name in self._parameters:
+                del self._parameters[name]
+                self.register_buffer(name, value.clone())
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Group counts can differ per site (allocation, clamping): take buffer shapes from the checkpoint.
+        # Group counts can differ per site (allocation, clamping): take range shapes from the checkpoint.
+        for name in self._RANGES:
+            key = prefix + name
+            if name in self._parameters and key in state_dict and state_dict[key].shape != self._parameters[name].shape:
+                self._set_range(name, torch.empty_like(state_dict[key], device=self._parameters[name].device))
         for name, buf in self._buffers.items():
             key = prefix + name
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
@@ -164,6 +191,8 @@ class ActQuantizer(_Quantizer):
         self.register_buffer("lo", torch.zeros(size))
         self.register_buffer("hi", torch.zeros(size))
 
+    _RANGES = ("lo", "hi")
+
     @property
     def num_groups(self) -> int:
         return self.lo.numel() if self.scheme == "igq" else 1
@@ -188,8 +217,8 @@ class ActQuantizer(_Quantizer):
             raise ValueError(f"site '{self.site}' uses scheme {self.scheme!r}; only 'igq' sites have a group count")
         if not 1 <= num_groups <= self.max_groups:
             raise ValueError(f"site '{self.site}': num_groups must be in [1, {self.max_groups}], got {num_groups}")
-        self.lo = torch.zeros(num_groups, device=self.lo.device)
-        self.hi = torch.zeros(num_groups, device=self.hi.device)
+        self._set_range("lo", torch.zeros(num_groups, device=self.lo.device))
+        self._set_range("hi", torch.zeros(num_groups, device=self.hi.device))
         self.mark_calibrated(False)
 
     def fit_ranges(self, num_groups: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,8 +246,8 @@ class ActQuantizer(_Quantizer):
 
     def load_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set static ranges (resizing the buffers to match) and mark the quantizer calibrated."""
-        self.lo = lo.detach().to(self.lo.device, self.lo.dtype).clone()
-        self.hi = hi.detach().to(self.hi.device, self.hi.dtype).clone()
+        self._set_range("lo", lo.detach().to(self.lo.device, self.lo.dtype).clone())
+        self._set_range("hi", hi.detach().to(self.hi.device, self.hi.dtype).clone())
         self.mark_calibrated(True)
 
     def fit(self) -> None:
@@ -264,6 +293,7 @@ class SoftmaxQuantizer(_Quantizer):
     """
 
     _observer_cls = RowMaxObserver
+    _RANGES = ("hi",)
 
     def __init__(
         self, bits: int, num_groups: int = 1, *, update: str = DEFAULT_UPDATE, quantile: float = DEFAULT_QUANTILE,
@@ -289,7 +319,7 @@ class SoftmaxQuantizer(_Quantizer):
         """Resize to ``num_groups`` row groups (ranges are refitted by :meth:`fit`)."""
         if num_groups < 1:
             raise ValueError(f"site '{self.site}': num_groups must be >= 1, got {num_groups}")
-        self.hi = torch.ones(num_groups, device=self.hi.device)
+        self._set_range("hi", torch.ones(num_groups, device=self.hi.device))
         self.mark_calibrated(False)
 
     def fit_ranges(self, num_groups: Optional[int] = None) -> torch.Tensor:
@@ -303,7 +333,7 @@ class SoftmaxQuantizer(_Quantizer):
         return fit_row_groups(u, groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
 
     def load_ranges(self, hi: torch.Tensor) -> None:
-        self.hi = hi.detach().to(self.hi.device, self.hi.dtype).clone()
+        self._set_range("hi", hi.detach().to(self.hi.device, self.hi.dtype).clone())
         self.mark_calibrated(True)
 
     def fit(self) -> None:
@@ -344,9 +374,7 @@ class _QuantWeightMixin:
 
     def weight_qparams_for(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) [O] this layer's clipping rule gives ``weight`` (percentile or MSE-optimal)."""
-        if self.weight_clipping == "mse":
-            return ops.mse_weight_qparams(weight, self.w_bits)
-        return ops.weight_qparams(weight, self.w_bits, self.weight_percentile)
+        return ops.clipped_weight_qparams(weight, self.w_bits, self.weight_clipping, self.weight_percentile)
 
     def calibrate_weight(self) -> None:
         """Set the weight quantizer from the current weights (percentile or MSE-optimal clipping)."""

@@ -139,6 +139,33 @@ def quantized_layer(module: nn.Module, cfg: IGQConfig, settings: LayerSettings,
                        input_quantizer=input_quantizer)
 
 
+ATTENTION_SITES = ("q", "k", "v", "softmax")
+
+
+def attention_quantizer(cfg: IGQConfig, attention: str, tag: str, channels: Optional[int] = None) -> nn.Module:
+    """The quantizer ``cfg`` gives site ``tag`` (one of ATTENTION_SITES) of the attention module (or
+    scope) ``attention``: Q, K and V operands at act_bits / matmul_scheme over ``channels`` = H*d,
+    post-softmax rows at the softmax bits, groups and levels. Every flow (igq.prepare, the adapters) asks this."""
+    site = f"{attention}.{tag}_quantizer"
+    if tag == "softmax":
+        return SoftmaxQuantizer(
+            cfg.effective_softmax_bits, cfg.effective_softmax_groups,
+            update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
+            levels=cfg.softmax_quantizer, steepness=cfg.tanq_steepness, site=site,
+        )
+    if tag not in ATTENTION_SITES:
+        raise ValueError(f"attention site tag must be one of {ATTENTION_SITES}, got {tag!r}")
+    return _act_quantizer(cfg, cfg.act_bits, cfg.matmul_scheme, channels, cfg.num_groups, site)
+
+
+def register_attention_sites(model: nn.Module, attention: str, quantizers: dict[str, nn.Module], head_dim: int) -> None:
+    """Register the Q / K / V / softmax quantizers (keyed by tag) of ``attention`` as sites of ``model``."""
+    for tag, quantizer in quantizers.items():
+        kind = "softmax" if tag == "softmax" else "matmul_operand"
+        info = {"head_dim": head_dim} if tag == "softmax" else {"operand": tag, "head_dim": head_dim}
+        register_site(model, f"{attention}.{tag}_quantizer", kind, quantizer, attention, info=info)
+
+
 def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
     unknown: dict[str, list[str]] = {}
     for name, module in list(model.named_modules()):
@@ -148,30 +175,11 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
                 unknown.setdefault(f"{type(module).__module__}.{type(module).__qualname__}", []).append(name)
         if adapter is None or not name or _matches(name, cfg.skip):
             continue
-        bits = cfg.act_bits
         channels = attention_channels(module)
-
-        def operand(tag: str) -> ActQuantizer:
-            return _act_quantizer(cfg, bits, cfg.matmul_scheme, channels, cfg.num_groups, f"{name}.{tag}_quantizer")
-
-        quantizers = {
-            "q_quantizer": operand("q"),
-            "k_quantizer": operand("k"),
-            "v_quantizer": operand("v"),
-            "softmax_quantizer": SoftmaxQuantizer(
-                cfg.effective_softmax_bits, cfg.effective_softmax_groups,
-                update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
-                levels=cfg.softmax_quantizer, steepness=cfg.tanq_steepness, site=f"{name}.softmax_quantizer",
-            ),
-        }
-        new = adapter(module, quantizers)
+        quantizers = {tag: attention_quantizer(cfg, name, tag, channels) for tag in ATTENTION_SITES}
+        new = adapter(module, {f"{tag}_quantizer": q for tag, q in quantizers.items()})
         _set_child(model, name, new, undo)
-        head_dim = channels // module.num_heads
-        for tag in ("q", "k", "v"):
-            register_site(model, f"{name}.{tag}_quantizer", "matmul_operand", getattr(new, f"{tag}_quantizer"), name,
-                          info={"operand": tag, "head_dim": head_dim})
-        register_site(model, f"{name}.softmax_quantizer", "softmax", new.softmax_quantizer, name,
-                      info={"head_dim": head_dim})
+        register_attention_sites(model, name, quantizers, channels // module.num_heads)
     for cls, names in unknown.items():
         logger.warning(
             "attention class %s has no igq attention adapter: the Q, K, V operands and post-softmax attention of %s "

@@ -31,11 +31,12 @@ def _fx(model, cfg, data):
 
 def _core_float_weight_calibration(model, cfg, data):
     prepared = igq.prepare(model, cfg)
-    for site in igq.sites(prepared):
-        site.weight_quantizer.weight_fake_quant_enabled = False
+    weighted = [site.weight_quantizer for site in igq.sites(prepared) if site.weight_quantizer is not None]
+    for wq in weighted:
+        wq.weight_fake_quant_enabled = False
     igq.calibrate(prepared, data, progress=False)
-    for site in igq.sites(prepared):
-        site.weight_quantizer.weight_fake_quant_enabled = True
+    for wq in weighted:
+        wq.weight_fake_quant_enabled = True
     return igq.convert(prepared, progress=False)
 
 

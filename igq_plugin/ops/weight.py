@@ -71,6 +71,17 @@ def mse_weight_qparams(
     return best_scale, best_zero
 
 
+def clipped_weight_qparams(w: torch.Tensor, bits: int, clipping: str = "percentile",
+                           percentile: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (scale, zero point) by the clipping rule ``clipping`` ("percentile": clip at
+    ``percentile`` percent; "mse": the MSE-optimal range). What every weight quantizer uses."""
+    if clipping == "mse":
+        return mse_weight_qparams(w, bits)
+    if clipping != "percentile":
+        raise ValueError(f"weight clipping must be one of {WEIGHT_CLIPPINGS}, got {clipping!r}")
+    return weight_qparams(w, bits, percentile)
+
+
 def _per_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return t.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
 

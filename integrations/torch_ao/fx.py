@@ -1,0 +1,371 @@
+"""torch.ao FX flow: ``prepare_fx`` / ``prepare_qat_fx`` with an IGQ qconfig mapping, ``convert_igq_fx``.
+
+* prepare_fx puts an :class:`IGQFakeQuantize` (a torch.ao ``FakeQuantizeBase``) wherever the
+  qconfig mapping asks: Linear inputs (and outputs, which IGQ leaves in float), and with
+  ``backend_config=get_igq_backend_config()`` the inputs of every matmul. Each one holds core
+  quantizers, created on the first batch, when the shape is known. While observing, it passes
+  values through unchanged.
+* A matmul input's role is only known from the graph (Q, K^T, V or the softmax output of an
+  unfused attention, see ``_graph``), which a fake-quant module does not see. So it observes the
+  three candidate readings of its tensor (channels last, channels on axis -2, softmax rows) and
+  :func:`convert_igq_fx` / :func:`fit_ranges` keep the one the graph says.
+* ``convert_igq_fx`` replaces each kept fake-quant module by its core quantizer (whose forward is
+  the ``igq::group_fake_quant`` / ``igq::softmax_row_fake_quant`` op), each fed Linear by an
+  :class:`igq_plugin.QuantLinear`, registers every site (``igq.register_site``), drops the rest
+  and calls ``igq.convert``: group ranges and weight quantizers are the core's, and GPTQ rounding,
+  ``igq.report``, allocation and ``igq.save`` work through the sites.
+* QAT: ``prepare_qat_fx`` with the same mapping; run calibration batches, call
+  :func:`fit_ranges` (fits the group ranges and makes them trainable parameters), train (weights
+  are fake-quantized by :class:`IGQWeightFakeQuantize`, the core's per-channel rule), then
+  ``convert_igq_fx``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
+
+import igq_plugin as igq
+from igq_plugin import ops
+from igq_plugin.attention import OperandQuantizer
+
+from . import _graph
+
+logger = logging.getLogger("igq_plugin")
+
+__all__ = ["IGQFakeQuantize", "IGQWeightFakeQuantize", "get_igq_qconfig", "get_igq_qconfig_mapping",
+           "get_igq_backend_config", "fit_ranges", "convert_igq_fx"]
+
+_MATMUL_TYPES = (operator.matmul, torch.matmul, "matmul")
+
+
+def _is_observer(module: nn.Module) -> bool:
+    return isinstance(module, (FakeQuantizeBase, ObserverBase))
+
+
+class IGQFakeQuantize(FakeQuantizeBase):
+    """A torch.ao fake-quant module holding core quantizers (created on the first batch).
+
+    ``role="input"``: a Linear / patch-embedding input; ``quantizer_kwargs`` are its ActQuantizer's
+    (bits, scheme, groups, calibration options). ``role="matmul"``: a matmul input, quantized as the
+    attention site the graph makes it (``config`` gives the settings; see the module docstring).
+    torch.ao requires a quint8 ``dtype`` and an ``activation_post_process``; the latter is a
+    placeholder that does no work. ``calculate_qparams`` is never used (``convert_fx`` would, and
+    would collapse the groups).
+    """
+
+    _KEYS = ("bits", "scheme", "num_groups", "update", "quantile", "kmeans_iters", "percentile")
+
+    def __init__(self, role: str = "input", config: Optional[igq.IGQConfig] = None, **quantizer_kwargs: Any) -> None:
+        super().__init__()
+        if role not in ("input", "matmul"):
+            raise ValueError(f"IGQFakeQuantize role must be 'input' or 'matmul', got {role!r}")
+        self.dtype = torch.quint8
+        self.activation_post_process = PlaceholderObserver(dtype=torch.quint8)
+        self.role = role
+        self.config = config if config is not None else igq.IGQConfig()
+        # torch.ao adds its own keyword arguments (factory_kwargs): keep the quantizer's
+        self.quantizer_kwargs = {k: v for k, v in quantizer_kwargs.items() if k in self._KEYS}
+        self.quantizer: Optional[nn.Module] = None  # the site's registered quantizer
+        self.site_module: Optional[nn.Module] = None  # what the graph calls after convert (quantizer or wrapper)
+        self.candidates: Optional[nn.ModuleDict] = None  # matmul inputs before the graph says their role
+
+    @property
+    def observed(self) -> bool:
+        return self.quantizer is not None or self.candidates is not None
+
+    def _start(self, x: torch.Tensor) -> None:
+        if self.role == "input":
+            kwargs = dict(self.quantizer_kwargs)
+            channels = x.shape[-1] if kwargs.get("scheme") != "layer" else None
+            self.quantizer = self.site_module = igq.ActQuantizer(channels=channels, **kwargs).to(x.device)
+            self.quantizer.start_observer()
+            return
+        if x.dim() not in (3, 4):
+            return  # not an attention operand: never bound, dropped at convert
+        heads = x.shape[1] if x.dim() == 4 else 1
+        candidates = {
+            "last": OperandQuantizer(igq.attention_quantizer(self.config, "", "q", heads * x.shape[-1]), -1),
+            "penultimate": OperandQuantizer(igq.attention_quantizer(self.config, "", "k", heads * x.shape[-2]), -2),
+            "softmax": igq.attention_quantizer(self.config, "", "softmax"),
+        }
+        self.candidates = nn.ModuleDict(candidates).to(x.device)
+        for module in self.candidates.values():
+            (module.quantizer if isinstance(module, OperandQuantizer) else module).start_observer()
+        self.shape = tuple(x.shape)
+
+    def bind(self, tag: str, site: str) -> None:
+        """Keep the candidate reading of site ``tag`` ("q", "k", "v", "softmax") named ``site``."""
+        if self.site_module is None:
+            key = {"q": "last", "v": "last", "k": "penultimate", "softmax": "softmax"}[tag]
+            self.site_module = self.candidates[key]
+            self.candidates = None
+            self.quantizer = self.site_module.quantizer if isinstance(self.site_module, OperandQuantizer) \
+                else self.site_module
+        for q in (self.quantizer, getattr(self.quantizer, "observer", None)):
+            if q is not None:
+                q.site = site
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled[0]:
+            return x
+        if self.site_module is not None:
+            return self.site_module(x)
+        if not self.observed:
+            self._start(x)
+            if self.site_module is not None:
+                return self.site_module(x)
+        if self.candidates is not None:
+            for module in self.candidates.values():
+                module(x)  # observing: returns x unchanged
+        return x
+
+    def calculate_qparams(self):
+        raise RuntimeError("IGQFakeQuantize has per-instance group ranges, not one (scale, zero point): convert with "
+                           "igq_plugin.integrations.torch_ao.convert_igq_fx, not torch.ao's convert_fx")
+
+
+class IGQWeightFakeQuantize(FakeQuantizeBase):
+    """Weight fake-quant of a QAT Linear (``prepare_qat_fx``): per output channel, the core's clipping
+    rule (``ops.clipped_weight_qparams``) on the current weights, straight-through gradients.
+    Not used by post-training prepare_fx (the weights are quantized by the core at convert)."""
+
+    def __init__(self, w_bits: int = 8, clipping: str = "percentile", percentile: float = 0.0, **_: Any) -> None:
+        super().__init__()
+        self.dtype = torch.float  # torch.ao: this is not one of its own integer weight observers
+        self.activation_post_process = PlaceholderObserver(dtype=torch.float)
+        self.w_bits, self.clipping, self.percentile = ops.check_bits(w_bits, "w_bits"), clipping, percentile
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled[0]:
+            return w
+        scale, zero_point = ops.clipped_weight_qparams(w.detach(), self.w_bits, self.clipping, self.percentile)
+        return ops.fake_quantize_weight(w, scale, zero_point, self.w_bits)
+
+    def calculate_qparams(self):
+        raise RuntimeError("IGQWeightFakeQuantize is converted by convert_igq_fx, not torch.ao's convert_fx")
+
+
+def _qconfig(cfg: igq.IGQConfig, act_kwargs: dict, w_bits: int) -> QConfig:
+    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(w_bits)
+    return QConfig(activation=IGQFakeQuantize.with_args(role="input", **act_kwargs),
+                   weight=IGQWeightFakeQuantize.with_args(w_bits=w_bits, clipping=cfg.weight_clipping, percentile=pct))
+
+
+def _check_cfg(cfg: Optional[igq.IGQConfig]) -> igq.IGQConfig:
+    cfg = igq.IGQConfig() if cfg is None else cfg
+    if not isinstance(cfg, igq.IGQConfig):
+        raise TypeError(f"cfg must be an igq_plugin.IGQConfig, got {type(cfg).__name__}")
+    return cfg
+
+
+def get_igq_qconfig(cfg: Optional[igq.IGQConfig] = None, *, bits: Optional[int] = None, scheme: Optional[str] = None,
+                    num_groups: Optional[int] = None) -> QConfig:
+    """The QConfig of a transformer-block Linear under ``cfg`` (default IGQConfig()); ``bits`` /
+    ``scheme`` / ``num_groups`` override the config's act_bits / act_scheme / num_groups."""
+    cfg = _check_cfg(cfg)
+    return _qconfig(cfg, igq.act_quantizer_kwargs(cfg, cfg.act_bits if bits is None else bits,
+                                                  cfg.act_scheme if scheme is None else scheme,
+                                                  cfg.num_groups if num_groups is None else num_groups),
+                    cfg.weight_bits)
+
+
+def _regex(patterns: tuple[str, ...]) -> Optional[str]:
+    return "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) if patterns else None
+
+
+def get_igq_qconfig_mapping(cfg: Optional[igq.IGQConfig] = None) -> QConfigMapping:
+    """A QConfigMapping for ``prepare_fx`` / ``prepare_qat_fx``: every nn.Linear under ``cfg``, the
+    ``head_patterns`` / ``embed_patterns`` modules layer-wise at their bits, ``skip`` modules float,
+    and (``quantize_attention``) the matmul inputs (pass ``backend_config=get_igq_backend_config()``
+    so that torch.ao observes the ``@`` operator)."""
+    cfg = _check_cfg(cfg)
+    mapping = QConfigMapping().set_object_type(nn.Linear, get_igq_qconfig(cfg))
+    if cfg.quantize_attention:
+        matmul = QConfig(activation=IGQFakeQuantize.with_args(role="matmul", config=cfg),
+                         weight=PlaceholderObserver.with_args(dtype=torch.float))
+        for op in _MATMUL_TYPES:
+            mapping = mapping.set_object_type(op, matmul)
+    for patterns, bits in ((cfg.embed_patterns, cfg.embed_bits), (cfg.head_patterns, cfg.head_bits)):
+        regex = _regex(patterns)
+        if regex:
+            layer = None if bits is None else _qconfig(cfg, igq.act_quantizer_kwargs(cfg, bits, "layer", 1,
+                                                                                     block_site=False), bits)
+            mapping = mapping.set_module_name_regex(regex, layer)
+    if cfg.skip:
+        mapping = mapping.set_module_name_regex(_regex(cfg.skip), None)
+    mapping.igq_config = cfg  # prepare_fx keeps a copy of the mapping on the model: convert_igq_fx reads it there
+    return mapping
+
+
+def get_igq_backend_config():
+    """torch.ao's native BackendConfig plus the ``@`` operator and ``Tensor.matmul`` as observed patterns
+    (native observes ``torch.matmul`` only), so the attention matmuls of timm / Hugging Face eager
+    attention get IGQ sites. Pass it as ``prepare_fx(..., backend_config=get_igq_backend_config())``."""
+    from torch.ao.quantization.backend_config import (BackendPatternConfig, DTypeConfig, ObservationType,
+                                                      get_native_backend_config)
+
+    config = get_native_backend_config()
+    dtypes = [DTypeConfig(input_dtype=torch.quint8, output_dtype=torch.quint8)]
+    for op in (operator.matmul, "matmul"):
+        config.set_backend_pattern_config(
+            BackendPatternConfig(op).set_dtype_configs(dtypes)
+            .set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT))
+    return config
+
+
+def _mapping_config(prepared: torch.fx.GraphModule) -> Optional[igq.IGQConfig]:
+    attrs = prepared.meta.get("_observed_graph_module_attrs")
+    cfg = getattr(getattr(attrs, "qconfig_mapping", None), "igq_config", None)
+    return cfg if isinstance(cfg, igq.IGQConfig) else None
+
+
+def _fed_layers(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[list[str]]:
+    """Names of the Linear / Conv2d modules whose input is ``node``, or None if it feeds anything else."""
+    names = []
+    for user in node.users:
+        if user.op != "call_module" or not user.args or user.args[0] is not node:
+            return None
+        module = gm.get_submodule(user.target)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            return None
+        names.append(user.target)
+    return names or None
+
+
+def _operand_role(node: torch.fx.Node, operands: dict) -> Optional[tuple[str, str]]:
+    """(attention scope, tag) when every use of ``node`` is the same attention operand; else None."""
+    roles = set()
+    for user in node.users:
+        for index, arg in enumerate(user.args[:2]):
+            if arg is node:
+                roles.add(operands.get((user, index)))
+    return roles.pop() if len(roles) == 1 else None
+
+
+def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, list]:
+    """Decide and validate, before anything changes: [(node, fake quant, ("layers", names) |
+    ("operand", scope, tag))] to keep and [nodes] to drop."""
+    fake_quants = [(n, prepared.get_submodule(n.target)) for n in prepared.graph.nodes
+                   if n.op == "call_module" and isinstance(prepared.get_submodule(n.target), IGQFakeQuantize)]
+    if not fake_quants:
+        raise ValueError("no IGQFakeQuantize in this model: prepare it with prepare_fx(model, "
+                         "get_igq_qconfig_mapping(cfg), example_inputs) first")
+    mixed = [n for n in prepared.graph.nodes if n.op == "call_module" and _is_observer(prepared.get_submodule(n.target))
+             and not isinstance(prepared.get_submodule(n.target), IGQFakeQuantize)]
+    if mixed:
+        raise ValueError(f"the model mixes torch.ao's own fake-quant / observers ({mixed[0].target}) with IGQ ones: "
+                         "build the qconfig mapping with get_igq_qconfig_mapping only")
+    operands = _graph.operand_sites(prepared, _is_observer) if cfg.quantize_attention else {}
+    observed_matmuls = {m for (m, _), _ in operands.items()}
+    kept, dropped = [], []
+    for node, fq in fake_quants:
+        operand = _operand_role(node, operands)
+        if operand is not None and fq.role != "matmul":
+            raise ValueError(
+                f"'{node.target}' observes both a layer's output and the {operand[1]} operand of '{operand[0]}' "
+                "(torch.ao shares one observer between them): put a float op between them, or quantize this model "
+                "with igq.quantize or the pt2e flow")
+        if operand is not None:
+            if not fq.observed:
+                raise RuntimeError(f"'{node.target}' ({operand[1]} operand of '{operand[0]}') saw no calibration "
+                                   "batch: run calibration data through the prepared model first")
+            kept.append((node, fq, ("operand",) + operand))
+            continue
+        layers = _fed_layers(prepared, node) if fq.role == "input" else None
+        if layers is not None:  # layers the config leaves float are not fed a quantizer
+            layers = [name for name in layers if igq.layer_settings(cfg, name, prepared.get_submodule(name))] or None
+        if layers is None:  # torch.ao also observes outputs (and other matmuls): IGQ keeps those in float
+            dropped.append(node)
+            continue
+        if not fq.observed:
+            raise RuntimeError(f"'{node.target}' (input of {', '.join(layers)}) saw no calibration batch: run "
+                               "calibration data through the prepared model before convert_igq_fx")
+        for name in layers:  # torch.ao may reuse the previous layer's output observer as this input's
+            settings = igq.layer_settings(cfg, name, prepared.get_submodule(name))
+            q = fq.quantizer
+            if (q.bits, q.scheme) != (settings.a_bits, settings.scheme):
+                raise ValueError(
+                    f"the input of '{name}' is observed with {q.bits}-bit {q.scheme!r} ranges but the config gives it "
+                    f"{settings.a_bits}-bit {settings.scheme!r} (torch.ao shares one observer between a layer's output "
+                    "and the next layer's input): put a float op between them, or quantize this model with igq.quantize"
+                )
+        kept.append((node, fq, ("layers", layers)))
+    if cfg.quantize_attention:
+        unobserved = sorted({_graph.scope(m) or m.name for m in prepared.graph.nodes if _graph.is_matmul(m, prepared)
+                             and _graph.attention_role(m, prepared, _is_observer) and m not in observed_matmuls})
+        if unobserved:
+            logger.warning("the attention matmuls of %s were not observed, so their Q, K, V and softmax sites stay in "
+                           "float: pass backend_config=get_igq_backend_config() to prepare_fx", ", ".join(unobserved))
+    return kept, dropped
+
+
+def _bind(kept: list) -> None:
+    for node, fq, role in kept:
+        if role[0] == "operand":
+            _, attention, tag = role
+            fq.bind(tag, f"{attention}.{tag}_quantizer")
+
+
+def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *, learn: bool = True) -> None:
+    """QAT: after calibration batches through a ``prepare_qat_fx`` model, fit every site's group ranges
+    (the core's fit) and, with ``learn``, make them trainable parameters. From then on the prepared
+    model fake-quantizes; train it, then :func:`convert_igq_fx`. Fake-quant modules that are no
+    IGQ site (layer outputs) stop doing anything."""
+    cfg = _check_cfg(cfg or _mapping_config(prepared))
+    kept, dropped = _plan(prepared, cfg)
+    _bind(kept)
+    for node in dropped:
+        prepared.get_submodule(node.target).disable_fake_quant()
+    for _, fq, _ in kept:
+        if fq.quantizer.observing:
+            fq.quantizer.fit()
+        fq.quantizer.learn_ranges(learn)
+
+
+def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *,
+                   progress: bool = True) -> torch.fx.GraphModule:
+    """Convert a calibrated (or QAT-trained) ``prepare_fx`` / ``prepare_qat_fx`` GraphModule (in place; returned).
+
+    ``cfg``: the IGQConfig given to :func:`get_igq_qconfig_mapping` (weight bits and clipping);
+    default: the one the mapping recorded, else IGQConfig().
+    """
+    if not isinstance(prepared, torch.fx.GraphModule):
+        raise TypeError(f"convert_igq_fx takes the GraphModule returned by prepare_fx, got {type(prepared).__name__}")
+    cfg = _check_cfg(cfg or _mapping_config(prepared))
+    if cfg.reparam:
+        raise ValueError("reparameterization (IGQConfig.reparam) is not part of the FX flow yet: use igq.quantize, or "
+                         "reparam=None")
+    kept, dropped = _plan(prepared, cfg)
+    _bind(kept)
+    for node in dropped:
+        node.replace_all_uses_with(node.args[0])
+        prepared.graph.erase_node(node)
+        prepared.delete_submodule(node.target)
+    head_dims = {role[1]: fq.shape[-1] for _, fq, role in kept if role[0] == "operand" and role[2] == "q"}
+    for node, fq, role in kept:
+        prepared.delete_submodule(node.target)
+        prepared.add_submodule(node.target, fq.site_module)  # the graph calls the core quantizer (igq op) directly
+        if role[0] == "operand":
+            _, attention, tag = role
+            igq.register_attention_sites(prepared, attention, {tag: fq.quantizer}, head_dims.get(attention, 0))
+            continue
+        for name in role[1]:
+            module = prepared.get_submodule(name)
+            new = igq.quantized_layer(module, cfg, igq.layer_settings(cfg, name, module))
+            igq.adopt_hooks(new, module)
+            _graph.set_module(prepared, name, new)
+            kind = "linear_input" if isinstance(module, nn.Linear) else "conv_input"
+            fq.quantizer.site = f"{name}.input_quantizer"
+            igq.register_site(prepared, f"{name}.input_quantizer", kind, fq.quantizer, name, weight_quantizer=new)
+    prepared.graph.lint()
+    prepared.recompile()
+    setattr(prepared, "igq_config", cfg)
+    return igq.convert(prepared, progress=progress)
