@@ -324,10 +324,39 @@ def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = No
     _bind(kept)
     for node in dropped:
         prepared.get_submodule(node.target).disable_fake_quant()
-    for _, fq, _ in kept:
+    for _, fq, role in kept:
         if fq.quantizer.observing:
             fq.quantizer.fit()
         fq.quantizer.learn_ranges(learn)
+        for name in role[1] if role[0] == "layers" else ():
+            _train_weight_quant(prepared, cfg, name)
+
+
+def _train_weight_quant(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig, name: str) -> None:
+    """Give layer ``name`` the weight fake-quant the core decides (igq.layer_settings) for training:
+    torch.ao's QAT module swap resolves module-name patterns differently (a head would train with the
+    block's weight bits; the patch-embedding convolution would train with float weights)."""
+    from torch.ao.nn import qat
+
+    module = prepared.get_submodule(name)
+    settings = igq.layer_settings(cfg, name, module)
+    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(settings.w_bits)
+    fake_quant = IGQWeightFakeQuantize(settings.w_bits, cfg.weight_clipping, pct)
+    if not hasattr(module, "weight_fake_quant"):
+        qconfig = QConfig(activation=PlaceholderObserver.with_args(dtype=torch.float), weight=lambda **_: fake_quant)
+        if type(module) is nn.Linear:
+            new = qat.Linear(module.in_features, module.out_features, module.bias is not None, qconfig=qconfig)
+        elif type(module) is nn.Conv2d:
+            new = qat.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                             module.padding, module.dilation, module.groups, module.bias is not None,
+                             module.padding_mode, qconfig=qconfig)
+        else:
+            raise ValueError(f"'{name}' ({type(module).__name__}) has no weight fake-quant for training: quantize this "
+                             "model with igq.quantize, or leave it float with IGQConfig(skip=...)")
+        new.weight, new.bias = module.weight, module.bias
+        _graph.set_module(prepared, name, new.to(module.weight.device))
+        module = new
+    module.weight_fake_quant = fake_quant.to(module.weight.device)
 
 
 def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *,
