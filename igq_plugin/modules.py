@@ -280,8 +280,13 @@ def set_input_error_weights(model: nn.Module) -> None:
     (the diagonal of the output-error metric: ||W e||^2 ~ sum_c ||W[:, c]||^2 e_c^2), used by the
     "mse" range rule. Call after the weights are final (after reparameterization)."""
     for site in sites(model, "linear_input"):
-        if site.weight_quantizer is not None and not site.weight_quantizer.weight.is_meta:
-            site.quantizer.error_weights = site.weight_quantizer.weight.detach().float().pow(2).sum(0).cpu()
+        set_site_error_weights(site)
+
+
+def set_site_error_weights(site) -> None:
+    """:func:`set_input_error_weights` for one registered site."""
+    if site.kind == "linear_input" and site.weight_quantizer is not None and not site.weight_quantizer.weight.is_meta:
+        site.quantizer.error_weights = site.weight_quantizer.weight.detach().float().pow(2).sum(0).cpu()
 
 
 class SoftmaxQuantizer(_Quantizer):

@@ -25,17 +25,19 @@ from .attention import attention_adapter_for, attention_channels
 from ._inputs import check_batch, check_calibration_data, model_device, model_dtype, model_input, run_model, to_device
 from .allocation.cost import SHAPES_ATTR, record_site_shapes
 from .config import CONFIG_ATTR, IGQConfig
-from .modules import ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers, set_input_error_weights
+from .modules import (ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers,
+                      set_input_error_weights, set_site_error_weights)
 from .reparam import EXAMPLE_ATTR, REPARAM_ATTR, example_slice, reparameterize
 from .rounding import round_weights
-from .registry import clear_sites, order_sites, register_site, sites
+from .registry import Site, clear_sites, order_sites, register_site, sites
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks", "LayerSettings",
            "layer_settings", "act_quantizer_kwargs", "quantized_layer"]
 
 logger = logging.getLogger("igq_plugin")
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether module name ``name`` matches one of the fnmatch ``patterns`` (skip / head / embed patterns)."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -102,10 +104,10 @@ def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[Lay
     float (``skip``, a Conv2d other than the patch embedding, or bits None). Patch embedding and head are
     layer-wise at ``embed_bits`` / ``head_bits``; other Linears get the block settings. Every flow that
     swaps layers (igq.prepare, the framework adapters) asks this one function."""
-    if _matches(name, cfg.skip):
+    if matches(name, cfg.skip):
         return None
     for patterns, bits in ((cfg.embed_patterns, cfg.embed_bits), (cfg.head_patterns, cfg.head_bits)):
-        if _matches(name, patterns):
+        if matches(name, patterns):
             return None if bits is None else LayerSettings(bits, bits, "layer", 1, block_site=False)
     if not isinstance(module, nn.Linear):
         return None  # only the patch-embedding convolution is quantized
@@ -170,10 +172,10 @@ def _swap_attention(model: nn.Module, cfg: IGQConfig, undo: list) -> None:
     unknown: dict[str, list[str]] = {}
     for name, module in list(model.named_modules()):
         adapter = attention_adapter_for(module)
-        if adapter is None and name and "attention" in type(module).__name__.lower() and not _matches(name, cfg.skip):
+        if adapter is None and name and "attention" in type(module).__name__.lower() and not matches(name, cfg.skip):
             if not any("attention" in type(m).__name__.lower() for m in module.children()):  # innermost only
                 unknown.setdefault(f"{type(module).__module__}.{type(module).__qualname__}", []).append(name)
-        if adapter is None or not name or _matches(name, cfg.skip):
+        if adapter is None or not name or matches(name, cfg.skip):
             continue
         channels = attention_channels(module)
         quantizers = {tag: attention_quantizer(cfg, name, tag, channels) for tag in ATTENTION_SITES}
@@ -336,6 +338,23 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
         raise ValueError("calibration_data is empty: give at least one batch (the paper uses 32 images)")
     setattr(prepared, SHAPES_ATTR, shapes)
     return seen
+
+
+@torch.no_grad()
+def convert_site(site: Site) -> None:
+    """What :func:`convert` does, for one registered site (for flows that convert site by site, e.g.
+    torchao's convert_pt2e): calibrate its weight quantizer if needed, set the "mse" error weights,
+    fit its ranges. A site that saw no calibration batch is an error."""
+    wq = site.weight_quantizer
+    if wq is not None and not wq.weight.is_meta and not wq.weight_is_calibrated:
+        wq.calibrate_weight()
+    set_site_error_weights(site)
+    quantizer = site.quantizer
+    if quantizer.observing:
+        if quantizer.observer.num_instances == 0:
+            raise RuntimeError(f"site '{site.name}' saw no calibration batch: run calibration data through the "
+                               "prepared model before converting it")
+        quantizer.fit()
 
 
 @torch.no_grad()

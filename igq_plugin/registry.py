@@ -20,7 +20,8 @@ The weight quantizer of a site is any module with the weight-quantizer API of
 ``weight_fake_quant_enabled``, ``weight_is_calibrated``. The site's quantizer runs before that
 module uses its weight in every forward (inside it, as in QuantLinear, or before it in the graph).
 
-The registry is a plain attribute of the module it was registered on (not in the state_dict);
+The registry is a plain attribute of the module it was registered on (not in the state_dict; on a
+torch.fx GraphModule also an entry of its ``meta``, which graph passes that rebuild the module keep);
 ``copy.deepcopy`` of the model copies it with the modules it points to, and :func:`sites` of a
 container also lists the sites of a quantized model inside it (names prefixed).
 """
@@ -70,11 +71,22 @@ class Site:
         return f"Site(name={self.name!r}, kind={self.kind!r}, consumer={self.consumer!r})"
 
 
+def _stored(module: nn.Module) -> Optional[dict[str, Site]]:
+    registry = module.__dict__.get(SITES_ATTR)
+    meta = module.__dict__.get("meta")
+    if registry is None and isinstance(meta, dict):
+        registry = meta.get(SITES_ATTR)  # a rebuilt GraphModule (see _registry)
+    return registry
+
+
 def _registry(model: nn.Module) -> dict[str, Site]:
-    registry = model.__dict__.get(SITES_ATTR)
+    registry = _stored(model)
     if registry is None:
         registry = {}
-        model.__dict__[SITES_ATTR] = registry
+    model.__dict__[SITES_ATTR] = registry
+    meta = model.__dict__.get("meta")
+    if isinstance(meta, dict):  # a torch.fx GraphModule: graph passes that rebuild the module (torchao's
+        meta[SITES_ATTR] = registry  # convert_pt2e) carry its meta over, not its other attributes
     return registry
 
 
@@ -98,7 +110,7 @@ def sites(model: nn.Module, kind: Optional[str] = None) -> list[Site]:
         raise ValueError(f"kind must be one of {SITE_KINDS} or None, got {kind!r}")
     found = []
     for prefix, module in model.named_modules():
-        for site in module.__dict__.get(SITES_ATTR, {}).values():
+        for site in (_stored(module) or {}).values():
             if prefix:
                 site = replace(site, name=f"{prefix}.{site.name}", consumer=f"{prefix}.{site.consumer}")
             found.append(site)
@@ -115,13 +127,18 @@ def get_site(model: nn.Module, name: str) -> Site:
 def order_sites(model: nn.Module) -> None:
     """Reorder the registry by the position of each site's quantizer in ``model.named_modules()``
     (module order; sites whose quantizer is not a submodule keep their order, at the end)."""
-    registry = model.__dict__.get(SITES_ATTR)
+    registry = _stored(model)
     if not registry:
         return
     position = {id(m): i for i, m in enumerate(model.modules())}
     ordered = sorted(registry.values(), key=lambda s: position.get(id(s.quantizer), len(position)))
-    model.__dict__[SITES_ATTR] = {s.name: s for s in ordered}
+    registry.clear()
+    registry.update((s.name, s) for s in ordered)
+    _registry(model)
 
 
 def clear_sites(model: nn.Module) -> None:
     model.__dict__.pop(SITES_ATTR, None)
+    meta = model.__dict__.get("meta")
+    if isinstance(meta, dict):
+        meta.pop(SITES_ATTR, None)

@@ -315,10 +315,16 @@ def _bind(kept: list) -> None:
 
 
 def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *, learn: bool = True) -> None:
-    """QAT: after calibration batches through a ``prepare_qat_fx`` model, fit every site's group ranges
+    """QAT: after calibration batches through a ``prepare_qat_fx`` (or ``prepare_qat_pt2e``) model, fit every site's group ranges
     (the core's fit) and, with ``learn``, make them trainable parameters. From then on the prepared
     model fake-quantizes; train it, then :func:`convert_igq_fx`. Fake-quant modules that are no
     IGQ site (layer outputs) stop doing anything."""
+    if not any(isinstance(m, IGQFakeQuantize) for m in prepared.modules()):
+        from . import pt2e  # a prepare_qat_pt2e model (torchao needed)
+
+        if cfg is not None:
+            raise ValueError("cfg is given to IGQQuantizer in the pt2e flow, not to fit_ranges")
+        return pt2e.fit_ranges(prepared, learn=learn)
     cfg = _check_cfg(cfg or _mapping_config(prepared))
     kept, dropped = _plan(prepared, cfg)
     _bind(kept)

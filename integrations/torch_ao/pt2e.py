@@ -1,0 +1,255 @@
+"""torchao pt2e flow: ``prepare_pt2e(torch.export.export(model, args).module(), IGQQuantizer(cfg))``,
+calibrate by running, ``convert_pt2e``. QAT: ``prepare_qat_pt2e`` with the same quantizer.
+
+* :meth:`IGQQuantizer.annotate` sees the whole exported graph, so every site is known exactly at
+  annotation: the input of each ``aten.linear`` (and of the patch-embedding ``aten.conv2d``) the
+  config quantizes (``igq.layer_settings`` on the layer's module name from ``nn_module_stack``),
+  and the Q, K, V and softmax operands of each unfused attention (``_graph``).
+* Each annotated edge gets an :class:`IGQObserver` (a torchao ``FakeQuantizeBase``) holding the
+  site's core quantizer, created on the first batch. While observing it passes values through; in
+  QAT, once :func:`fit_ranges` has fitted the ranges (after the calibration batches), it
+  fake-quantizes with trainable ranges.
+* ``convert_pt2e`` calls each observer's ``convert(model, node)``, which writes the site: the layer
+  becomes a core :class:`igq_plugin.QuantLinear` / ``QuantConv2d`` with the quantizer inside it (as
+  ``igq.quantize`` builds it), an attention operand a call of its quantizer module; the site is
+  registered and converted by the core (``igq.convert_site``). Re-exporting the converted model with
+  ``torch.export`` gives one ``igq::group_fake_quant`` / ``igq::softmax_row_fake_quant`` node per site.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+
+import igq_plugin as igq
+from igq_plugin.attention import OperandQuantizer
+from igq_plugin.quantize import matches
+
+from . import _graph
+
+logger = logging.getLogger("igq_plugin")
+
+__all__ = ["IGQQuantizer", "IGQObserver", "fit_ranges"]
+
+_LINEAR = torch.ops.aten.linear.default
+_CONV2D = torch.ops.aten.conv2d.default
+
+
+def _is_observer(module: nn.Module) -> bool:
+    return isinstance(module, (FakeQuantizeBase, ObserverBase))
+
+
+def _layer_name(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        if cls_name.rsplit(".", 1)[-1] in ("Linear", "Conv2d", "NonDynamicallyQuantizableLinear"):
+            return path
+        return f"{path}.{node.name}" if path else node.name
+    return node.name
+
+
+def _float_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module:
+    """An nn.Linear / nn.Conv2d sharing the weight and bias of the ``aten.linear`` / ``aten.conv2d`` node."""
+    def tensor(arg):
+        if arg is None:
+            return None
+        if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+            raise ValueError(f"'{node.name}': its weight is not a parameter of the model (a computed weight): "
+                             "quantize this model with igq.quantize")
+        return operator.attrgetter(arg.target)(gm)
+
+    weight, bias = tensor(node.args[1]), tensor(node.args[2] if len(node.args) > 2 else None)
+    if node.target is _LINEAR:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        given = list(node.args[3:7])
+        stride, padding, dilation, groups = given + [1, 0, 1, 1][len(given):]
+        layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
+                          dilation, groups, bias=bias is not None, device="meta")
+    layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+class IGQObserver(FakeQuantizeBase):
+    """The torchao observer / fake-quant of one IGQ site (see the module docstring).
+
+    ``site``: the layer name (``kind="input"``) or attention scope; ``tag``: "q", "k", "v" or
+    "softmax" for attention sites; ``quantizer_kwargs``: the ActQuantizer's settings of an input site;
+    ``config``: the IGQConfig of attention sites; ``head_dim``: of the attention (for cost counting).
+    QAT: after calibration batches, :func:`fit_ranges` fits the ranges and makes them trainable.
+    """
+
+    def __init__(self, kind: str = "input", site: str = "", tag: Optional[str] = None,
+                 config: Optional[igq.IGQConfig] = None, quantizer_kwargs: Optional[dict] = None, head_dim: int = 0,
+                 **_: Any) -> None:
+        super().__init__()
+        self.dtype = torch.uint8
+        self.kind, self.site, self.tag = kind, site, tag
+        self.config = config if config is not None else igq.IGQConfig()
+        self.quantizer_kwargs = dict(quantizer_kwargs or {})
+        self.quantizer: Optional[nn.Module] = None
+        self.site_module: Optional[nn.Module] = None
+        self.head_dim = head_dim
+
+    def _start(self, x: torch.Tensor) -> None:
+        if self.kind == "input":
+            kwargs = self.quantizer_kwargs
+            channels = x.shape[-1] if kwargs.get("scheme") != "layer" else None
+            self.quantizer = self.site_module = igq.ActQuantizer(channels=channels, site=f"{self.site}.input_quantizer",
+                                                                 **kwargs)
+        elif self.tag == "softmax":
+            self.quantizer = self.site_module = igq.attention_quantizer(self.config, self.site, "softmax")
+        else:
+            axis = _graph.OPERAND_AXIS[self.tag]
+            heads = x.shape[1] if x.dim() == 4 else 1
+            self.quantizer = igq.attention_quantizer(self.config, self.site, self.tag, heads * x.shape[axis])
+            self.site_module = OperandQuantizer(self.quantizer, axis)
+        self.site_module.to(x.device)
+        self.quantizer.start_observer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantizer is None:
+            self._start(x)
+        if not self.fake_quant_enabled[0]:
+            return x
+        return self.site_module(x)
+
+    def calculate_qparams(self):
+        raise RuntimeError("IGQObserver has per-instance group ranges, not one (scale, zero point): convert_pt2e "
+                           "calls its convert()")
+
+    def _site_name(self) -> str:
+        return f"{self.site}.input_quantizer" if self.kind == "input" else f"{self.site}.{self.tag}_quantizer"
+
+    def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
+        """Write this site into the converted graph (called by torchao's convert_pt2e)."""
+        if self.quantizer is None:
+            raise RuntimeError(f"IGQ site '{self._site_name()}' saw no calibration batch: run calibration data through "
+                               "the prepared model before convert_pt2e")
+        source = observer_node.args[0]
+        cfg = self.config
+        graph = model.graph
+        if self.kind == "input":
+            (user,) = observer_node.users  # one observer per annotated edge (see IGQQuantizer)
+            layer = _float_layer(model, user)
+            new = igq.quantized_layer(layer, cfg, igq.layer_settings(cfg, self.site, layer), input_quantizer=self.quantizer)
+            _place(model, self.site, new)
+            with graph.inserting_before(user):
+                call = graph.call_module(self.site, (source,))
+            call.meta = dict(user.meta)
+            user.replace_all_uses_with(call)
+            unused = [a for a in user.args[1:] if isinstance(a, torch.fx.Node)]
+            graph.erase_node(user)
+            graph.erase_node(observer_node)
+            for arg in unused:
+                if not arg.users:
+                    graph.erase_node(arg)
+            kind = "linear_input" if isinstance(layer, nn.Linear) else "conv_input"
+            igq.register_site(model, self._site_name(), kind, self.quantizer, self.site, weight_quantizer=new)
+        else:
+            path = self._site_name()
+            _place(model, path, self.site_module)
+            with graph.inserting_before(observer_node):
+                call = graph.call_module(path, (source,))
+            call.meta = dict(observer_node.meta)
+            observer_node.replace_all_uses_with(call)
+            graph.erase_node(observer_node)
+            igq.register_attention_sites(model, self.site, {self.tag: self.quantizer}, self.head_dim)
+        igq.convert_site(igq.get_site(model, self._site_name()))
+        graph.lint()
+        model.recompile()
+
+
+def _place(model: torch.fx.GraphModule, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, creating empty parents the exported module does not have."""
+    owner = model
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    setattr(owner, parts[-1], module)
+
+
+def _head_dim(q: torch.fx.Node) -> int:
+    value = q.meta.get("val")
+    return int(value.shape[-1]) if isinstance(value, torch.Tensor) else 0
+
+
+def fit_ranges(prepared: torch.fx.GraphModule, *, learn: bool = True) -> None:
+    """QAT (``prepare_qat_pt2e``): after the calibration batches, fit every site's ranges (the core's
+    fit) and, with ``learn``, make them trainable; the model then fake-quantizes. Train, then convert_pt2e."""
+    observers = [m for m in prepared.modules() if isinstance(m, IGQObserver)]
+    if not observers:
+        raise ValueError("no IGQObserver in this model: prepare it with prepare_qat_pt2e(exported, IGQQuantizer(cfg))")
+    for observer in observers:
+        if observer.quantizer is None:
+            raise RuntimeError(f"IGQ site '{observer._site_name()}' saw no calibration batch: run calibration data "
+                               "through the prepared model first")
+    for observer in observers:
+        if observer.quantizer.observing:
+            observer.quantizer.fit()
+        observer.quantizer.learn_ranges(learn)
+
+
+class IGQQuantizer(Quantizer):
+    """A torchao pt2e Quantizer that annotates the IGQ sites of ``config`` (default IGQConfig())."""
+
+    def __init__(self, config: Optional[igq.IGQConfig] = None) -> None:
+        super().__init__()
+        config = igq.IGQConfig() if config is None else config
+        if not isinstance(config, igq.IGQConfig):
+            raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
+        if config.reparam:
+            raise ValueError("reparameterization (IGQConfig.reparam) is not part of the pt2e flow yet: use "
+                             "igq.quantize, or reparam=None")
+        self.config = config
+
+    @staticmethod
+    def _spec(**kwargs) -> QuantizationSpec:
+        return QuantizationSpec(dtype=torch.uint8, observer_or_fake_quant_ctr=IGQObserver.with_args(**kwargs))
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        cfg = self.config
+        edges: dict[torch.fx.Node, dict] = {}
+        for node in model.graph.nodes:
+            if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
+                continue
+            name = _layer_name(node)
+            layer = _float_layer(model, node)
+            settings = igq.layer_settings(cfg, name, layer)
+            if settings is None:
+                continue
+            kwargs = igq.act_quantizer_kwargs(cfg, settings.a_bits, settings.scheme, settings.groups,
+                                              block_site=settings.block_site)
+            edges.setdefault(node, {})[node.args[0]] = self._spec(kind="input", site=name, quantizer_kwargs=kwargs)
+        if cfg.quantize_attention:
+            operands = _graph.operand_sites(model, _is_observer)
+            head_dims = {scope: _head_dim(matmul.args[0]) for (matmul, _), (scope, tag) in operands.items() if tag == "q"}
+            for (matmul, index), (scope, tag) in operands.items():
+                if matches(scope, cfg.skip):
+                    continue
+                edges.setdefault(matmul, {})[matmul.args[index]] = self._spec(
+                    kind="attention", site=scope, tag=tag, config=cfg, head_dim=head_dims.get(scope, 0))
+            fused = sorted({_graph.scope(n) or n.name for n in model.graph.nodes if n.op == "call_function"
+                            and n.target is torch.ops.aten.scaled_dot_product_attention.default})
+            if fused:
+                logger.warning(
+                    "fused scaled_dot_product_attention in %s hides Q K^T and the softmax: their Q, K, V and softmax "
+                    "sites stay in float (export the model with unfused attention, e.g. timm fused_attn = False)",
+                    ", ".join(fused))
+        for node, input_map in edges.items():
+            node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True)
+        return model
+
+    def validate(self, model: torch.fx.GraphModule) -> None:
+        pass
