@@ -34,6 +34,7 @@ from .quantize import (
     quantize,
     quantized_layer,
     register_attention_sites,
+    weight_quant_kwargs,
 )
 from .registry import SITE_KINDS, Site, get_site, register_site, sites
 from .reparam import reparameterize
@@ -53,6 +54,7 @@ __all__ = [
     "get_site",
     "adopt_hooks",
     "convert_site",
+    "weight_quant_kwargs",
     "attention_quantizer",
     "register_attention_sites",
     "LayerSettings",

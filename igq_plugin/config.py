@@ -33,6 +33,9 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+CALIBRATION_WEIGHTS = ("quantized", "float")
+
+
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -105,6 +108,10 @@ class IGQConfig:
             layer in forward order (igq_plugin.rounding.round_weights). Costs two more passes over
             the calibration data, held in memory as one batch.
         gptq_damp: Hessian damping of "gptq", as a fraction of its mean diagonal.
+        calibration_weights: "quantized" (default): activations are observed downstream of
+            quantized weights (the model as it will run); "float": weights stay float while
+            calibrating (torch.ao's post-training convention: a plain ``prepare_fx`` model calibrates
+            this way). Each of igq.quantize, prepare_igq_fx and the pt2e IGQQuantizer honours it.
     Sites
         skip: module-name glob patterns left in full precision.
         embed_patterns, head_patterns: glob patterns that identify the patch embedding and
@@ -145,6 +152,7 @@ class IGQConfig:
     weight_percentile: Optional[float] = None
     weight_rounding: str = "nearest"
     gptq_damp: float = 0.1
+    calibration_weights: str = "quantized"
     skip: tuple[str, ...] = ()
     embed_patterns: tuple[str, ...] = ("*patch_embed*",)
     head_patterns: tuple[str, ...] = ("head", "head.*", "classifier", "classifier.*")
@@ -195,6 +203,7 @@ class IGQConfig:
             if not 0.0 <= self.weight_percentile < 50.0:
                 raise ValueError(f"weight_percentile must be in [0, 50) percent, got {self.weight_percentile}")
         _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDINGS)
+        _check_choice(self.calibration_weights, "calibration_weights", CALIBRATION_WEIGHTS)
         if (isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float))
                 or not 0.0 <= self.gptq_damp < 1e3):
             raise ValueError(f"gptq_damp must be a number >= 0 (fraction of the mean Hessian diagonal, e.g. 0.1), "

@@ -133,12 +133,19 @@ def quantized_layer(module: nn.Module, cfg: IGQConfig, settings: LayerSettings,
                     input_quantizer: Optional[ActQuantizer] = None) -> nn.Module:
     """The QuantLinear / QuantConv2d that replaces ``module`` under ``settings`` (weight bits, clipping and
     percentile from ``cfg``), with ``input_quantizer`` inside it (None: the input is quantized elsewhere)."""
-    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(settings.w_bits)
+    w = weight_quant_kwargs(cfg, settings.w_bits)
     if isinstance(module, nn.Linear):
-        return QuantLinear.from_float(module, w_bits=settings.w_bits, weight_percentile=pct,
-                                      weight_clipping=cfg.weight_clipping, input_quantizer=input_quantizer)
-    return QuantConv2d(module, w_bits=settings.w_bits, weight_percentile=pct, weight_clipping=cfg.weight_clipping,
+        return QuantLinear.from_float(module, w_bits=w["w_bits"], weight_percentile=w["percentile"],
+                                      weight_clipping=w["clipping"], input_quantizer=input_quantizer)
+    return QuantConv2d(module, w_bits=w["w_bits"], weight_percentile=w["percentile"], weight_clipping=w["clipping"],
                        input_quantizer=input_quantizer)
+
+
+def weight_quant_kwargs(cfg: IGQConfig, w_bits: int) -> dict:
+    """The weight quantizer of a ``w_bits`` layer under ``cfg``: {"w_bits", "clipping", "percentile"}
+    (``ops.clipped_weight_qparams``'s rule; percentile default by bits)."""
+    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(w_bits)
+    return {"w_bits": w_bits, "clipping": cfg.weight_clipping, "percentile": pct}
 
 
 ATTENTION_SITES = ("q", "k", "v", "softmax")
@@ -297,12 +304,27 @@ def _calibrate_weights(model: nn.Module, force: bool = False) -> None:
             wq.calibrate_weight()
 
 
+@contextlib.contextmanager
+def _float_weights(model: nn.Module):
+    """Weight fake-quantization of every site off inside the block (IGQConfig.calibration_weights="float")."""
+    modules = [s.weight_quantizer for s in sites(model) if s.weight_quantizer is not None]
+    flags = [m.weight_fake_quant_enabled for m in modules]
+    for module in modules:
+        module.weight_fake_quant_enabled = False
+    try:
+        yield
+    finally:
+        for module, flag in zip(modules, flags):
+            module.weight_fake_quant_enabled = flag
+
+
 @torch.no_grad()
 def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = True) -> int:
     """Run calibration data through a prepared model; returns the number of batches seen.
 
     Weight quantizers still uncalibrated (weights loaded after an in-place prepare on the meta
-    device) are fitted first, so activations are observed downstream of quantized weights.
+    device) are fitted first, so activations are observed downstream of quantized weights (unless
+    the prepared config has ``calibration_weights="float"``).
     """
     check_calibration_data(calibration_data)
     _calibrate_weights(prepared)
@@ -314,6 +336,8 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
 
     shapes: dict = {}
     dtype, first_shape = model_dtype(prepared), None
+    config = getattr(prepared, CONFIG_ATTR, None)
+    float_weights = isinstance(config, IGQConfig) and config.calibration_weights == "float"
     for index, batch in enumerate(tqdm(batches, total=total, desc="igq calibrate", unit="batch", disable=not progress)):
         raw = model_input(batch, index)
         first_shape = check_batch(raw, index, dtype, first_shape)
@@ -321,7 +345,8 @@ def calibrate(prepared: nn.Module, calibration_data: Any, *, progress: bool = Tr
         if index == 0:
             setattr(prepared, EXAMPLE_ATTR, example_slice(inputs))  # for reparameterize's checks
         # The first batch also records per-instance site shapes (MACs / BOPs for igq.report and allocation).
-        with record_site_shapes(prepared, shapes) if index == 0 else contextlib.nullcontext():
+        with record_site_shapes(prepared, shapes) if index == 0 else contextlib.nullcontext(), \
+                _float_weights(prepared) if float_weights else contextlib.nullcontext():
             try:
                 run_model(prepared, inputs)
             except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:

@@ -37,10 +37,10 @@ needs ``backend_config=get_igq_backend_config()`` for the attention matmuls writ
 from __future__ import annotations
 
 from .fx import (IGQFakeQuantize, IGQWeightFakeQuantize, convert_igq_fx, fit_ranges, get_igq_backend_config,
-                 get_igq_qconfig, get_igq_qconfig_mapping)
+                 get_igq_qconfig, get_igq_qconfig_mapping, prepare_igq_fx)
 
 __all__ = ["IGQFakeQuantize", "IGQWeightFakeQuantize", "get_igq_qconfig", "get_igq_qconfig_mapping",
-           "get_igq_backend_config", "fit_ranges", "convert_igq_fx", "IGQQuantizer", "IGQObserver"]
+           "get_igq_backend_config", "prepare_igq_fx", "fit_ranges", "convert_igq_fx", "IGQQuantizer", "IGQObserver"]
 
 
 def __getattr__(name: str):

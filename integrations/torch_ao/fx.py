@@ -41,7 +41,7 @@ from . import _graph
 logger = logging.getLogger("igq_plugin")
 
 __all__ = ["IGQFakeQuantize", "IGQWeightFakeQuantize", "get_igq_qconfig", "get_igq_qconfig_mapping",
-           "get_igq_backend_config", "fit_ranges", "convert_igq_fx"]
+           "get_igq_backend_config", "prepare_igq_fx", "fit_ranges", "convert_igq_fx"]
 
 _MATMUL_TYPES = (operator.matmul, torch.matmul, "matmul")
 
@@ -132,15 +132,11 @@ class IGQFakeQuantize(FakeQuantizeBase):
                            "igq_plugin.integrations.torch_ao.convert_igq_fx, not torch.ao's convert_fx")
 
 
-class IGQWeightFakeQuantize(FakeQuantizeBase):
-    """Weight fake-quant of a QAT Linear (``prepare_qat_fx``): per output channel, the core's clipping
-    rule (``ops.clipped_weight_qparams``) on the current weights, straight-through gradients.
-    Not used by post-training prepare_fx (the weights are quantized by the core at convert)."""
+class WeightFakeQuantMixin:
+    """Per-output-channel weight fake-quant by the core's clipping rule (``ops.clipped_weight_qparams``)
+    on the current weights, straight-through gradients. Shared by the FX and pt2e flows."""
 
-    def __init__(self, w_bits: int = 8, clipping: str = "percentile", percentile: float = 0.0, **_: Any) -> None:
-        super().__init__()
-        self.dtype = torch.float  # torch.ao: this is not one of its own integer weight observers
-        self.activation_post_process = PlaceholderObserver(dtype=torch.float)
+    def _init_weight_quant(self, w_bits: int, clipping: str, percentile: float) -> None:
         self.w_bits, self.clipping, self.percentile = ops.check_bits(w_bits, "w_bits"), clipping, percentile
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -149,14 +145,28 @@ class IGQWeightFakeQuantize(FakeQuantizeBase):
         scale, zero_point = ops.clipped_weight_qparams(w.detach(), self.w_bits, self.clipping, self.percentile)
         return ops.fake_quantize_weight(w, scale, zero_point, self.w_bits)
 
+    def extra_repr(self) -> str:
+        return f"w_bits={self.w_bits}, clipping={self.clipping}, percentile={self.percentile:g}"
+
+
+class IGQWeightFakeQuantize(WeightFakeQuantMixin, FakeQuantizeBase):
+    """Weight fake-quant of a Linear while calibrating (prepare_igq_fx, calibration_weights="quantized")
+    and training (``prepare_qat_fx``). Not used by a plain post-training prepare_fx (weights are
+    quantized by the core at convert)."""
+
+    def __init__(self, w_bits: int = 8, clipping: str = "percentile", percentile: float = 0.0, **_: Any) -> None:
+        super().__init__()
+        self.dtype = torch.float  # torch.ao: this is not one of its own integer weight observers
+        self.activation_post_process = PlaceholderObserver(dtype=torch.float)
+        self._init_weight_quant(w_bits, clipping, percentile)
+
     def calculate_qparams(self):
         raise RuntimeError("IGQWeightFakeQuantize is converted by convert_igq_fx, not torch.ao's convert_fx")
 
 
 def _qconfig(cfg: igq.IGQConfig, act_kwargs: dict, w_bits: int) -> QConfig:
-    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(w_bits)
     return QConfig(activation=IGQFakeQuantize.with_args(role="input", **act_kwargs),
-                   weight=IGQWeightFakeQuantize.with_args(w_bits=w_bits, clipping=cfg.weight_clipping, percentile=pct))
+                   weight=IGQWeightFakeQuantize.with_args(**igq.weight_quant_kwargs(cfg, w_bits)))
 
 
 def _check_cfg(cfg: Optional[igq.IGQConfig]) -> igq.IGQConfig:
@@ -219,6 +229,76 @@ def get_igq_backend_config():
             BackendPatternConfig(op).set_dtype_configs(dtypes)
             .set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT))
     return config
+
+
+class _ScopeTracer(torch.fx.Tracer):
+    """A tracer that remembers which module it was inside when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scope: list[tuple[str, str]] = []
+        self.failed_at: Optional[tuple[str, str]] = None
+
+    def call_module(self, m, forward, args, kwargs):
+        self.scope.append((self.path_of_module(m), type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.scope[-1]
+            raise
+        finally:
+            self.scope.pop()
+
+
+def _untraceable(model: nn.Module, err: Exception) -> Optional[RuntimeError]:
+    """A clear error for a model torch.fx cannot trace (None when ``err`` is not a tracing failure)."""
+    tracer = _ScopeTracer()
+    try:
+        tracer.trace(model)
+        return None
+    except Exception as trace_err:  # noqa: BLE001 - any failure of torch.fx tracing
+        where = tracer.failed_at
+        first = (str(trace_err).strip().splitlines() or [type(trace_err).__name__])[0]
+    target = f"'{where[0]}' ({where[1]})" if where else f"the top-level forward of {type(model).__name__}"
+    names = f"['{where[0]}']" if where else "[...]"
+    return RuntimeError(
+        f"torch.fx cannot trace {target}: {first}. Ways out: leave that module untraced (and in float) with "
+        f"prepare_custom_config=PrepareCustomConfig().set_non_traceable_module_names({names}); or use the pt2e flow "
+        "(prepare_pt2e(torch.export.export(model, args).module(), IGQQuantizer(cfg))); or igq.quantize(model, cfg, "
+        "data), which needs no tracing")
+
+
+def prepare_igq_fx(model: nn.Module, cfg: Optional[igq.IGQConfig] = None, example_inputs: tuple = (), *,
+                   qat: bool = False, prepare_custom_config=None, backend_config=None) -> torch.fx.GraphModule:
+    """``prepare_fx`` (``prepare_qat_fx`` with ``qat``) with :func:`get_igq_qconfig_mapping` and
+    :func:`get_igq_backend_config`, plus what plain prepare_fx cannot do: weights fake-quantized while
+    calibrating when ``cfg.calibration_weights == "quantized"`` (the default, as igq.quantize does; a
+    plain prepare_fx model calibrates with float weights), and a clear error naming the module torch.fx
+    cannot trace. The model is not modified (prepare_fx works on a copy)."""
+    from torch.ao.quantization import quantize_fx
+
+    cfg = _check_cfg(cfg)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")
+    prepare = quantize_fx.prepare_qat_fx if qat else quantize_fx.prepare_fx
+    try:
+        prepared = prepare(model, get_igq_qconfig_mapping(cfg), example_inputs, prepare_custom_config=prepare_custom_config,
+                           backend_config=backend_config or get_igq_backend_config())
+    except Exception as err:
+        clear = _untraceable(model, err) if prepare_custom_config is None else None
+        if clear is not None:
+            raise clear from err
+        raise
+    if cfg.calibration_weights == "quantized" or qat:
+        for node in prepared.graph.nodes:
+            module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, IGQFakeQuantize) and module.role == "input":
+                for name in _fed_layers(prepared, node) or ():
+                    if igq.layer_settings(cfg, name, prepared.get_submodule(name)) is not None:
+                        _weight_fake_quant(prepared, cfg, name)
+        prepared.recompile()
+    return prepared
 
 
 def _mapping_config(prepared: torch.fx.GraphModule) -> Optional[igq.IGQConfig]:
@@ -335,19 +415,19 @@ def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = No
             fq.quantizer.fit()
         fq.quantizer.learn_ranges(learn)
         for name in role[1] if role[0] == "layers" else ():
-            _train_weight_quant(prepared, cfg, name)
+            _weight_fake_quant(prepared, cfg, name)
 
 
-def _train_weight_quant(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig, name: str) -> None:
-    """Give layer ``name`` the weight fake-quant the core decides (igq.layer_settings) for training:
-    torch.ao's QAT module swap resolves module-name patterns differently (a head would train with the
-    block's weight bits; the patch-embedding convolution would train with float weights)."""
+def _weight_fake_quant(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig, name: str) -> None:
+    """Give layer ``name`` the weight fake-quant the core decides (igq.layer_settings), for calibration
+    with quantized weights and for training. (torch.ao's QAT module swap resolves module-name patterns
+    differently: a head would train with the block's weight bits, the patch-embedding convolution with
+    float weights.)"""
     from torch.ao.nn import qat
 
     module = prepared.get_submodule(name)
     settings = igq.layer_settings(cfg, name, module)
-    pct = cfg.weight_percentile if cfg.weight_percentile is not None else ops.default_weight_percentile(settings.w_bits)
-    fake_quant = IGQWeightFakeQuantize(settings.w_bits, cfg.weight_clipping, pct)
+    fake_quant = IGQWeightFakeQuantize(**igq.weight_quant_kwargs(cfg, settings.w_bits))
     if not hasattr(module, "weight_fake_quant"):
         qconfig = QConfig(activation=PlaceholderObserver.with_args(dtype=torch.float), weight=lambda **_: fake_quant)
         if type(module) is nn.Linear:

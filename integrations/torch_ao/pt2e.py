@@ -31,10 +31,11 @@ from igq_plugin.attention import OperandQuantizer
 from igq_plugin.quantize import matches
 
 from . import _graph
+from .fx import WeightFakeQuantMixin
 
 logger = logging.getLogger("igq_plugin")
 
-__all__ = ["IGQQuantizer", "IGQObserver", "fit_ranges"]
+__all__ = ["IGQQuantizer", "IGQObserver", "IGQWeightObserver", "fit_ranges"]
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV2D = torch.ops.aten.conv2d.default
@@ -60,6 +61,9 @@ def _float_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module:
     def tensor(arg):
         if arg is None:
             return None
+        while isinstance(arg, torch.fx.Node) and arg.op == "call_module" and \
+                isinstance(gm.get_submodule(arg.target), IGQWeightObserver):
+            arg = arg.args[0]
         if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
             raise ValueError(f"'{node.name}': its weight is not a parameter of the model (a computed weight): "
                              "quantize this model with igq.quantize")
@@ -147,12 +151,10 @@ class IGQObserver(FakeQuantizeBase):
                 call = graph.call_module(self.site, (source,))
             call.meta = dict(user.meta)
             user.replace_all_uses_with(call)
-            unused = [a for a in user.args[1:] if isinstance(a, torch.fx.Node)]
+            params = [a for a in user.args[1:] if isinstance(a, torch.fx.Node)]
             graph.erase_node(user)
             graph.erase_node(observer_node)
-            for arg in unused:
-                if not arg.users:
-                    graph.erase_node(arg)
+            _erase_unused_attrs(graph, params)  # a weight observer left here is erased by its own convert
             kind = "linear_input" if isinstance(layer, nn.Linear) else "conv_input"
             igq.register_site(model, self._site_name(), kind, self.quantizer, self.site, weight_quantizer=new)
         else:
@@ -166,6 +168,33 @@ class IGQObserver(FakeQuantizeBase):
             igq.register_attention_sites(model, self.site, {self.tag: self.quantizer}, self.head_dim)
         igq.convert_site(igq.get_site(model, self._site_name()))
         graph.lint()
+        model.recompile()
+
+
+def _erase_unused_attrs(graph: torch.fx.Graph, nodes: list) -> None:
+    for node in nodes:
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+
+
+class IGQWeightObserver(WeightFakeQuantMixin, FakeQuantizeBase):
+    """Weight fake-quant of an IGQ layer while calibrating (``calibration_weights="quantized"``) and
+    training (QAT): the core's per-channel rule on the current weights. ``convert`` removes it (the
+    layer's core QuantLinear quantizes its weight from then on)."""
+
+    def __init__(self, w_bits: int = 8, clipping: str = "percentile", percentile: float = 0.0, **_: Any) -> None:
+        super().__init__()
+        self.dtype = torch.int8
+        self._init_weight_quant(w_bits, clipping, percentile)
+
+    def calculate_qparams(self):
+        raise RuntimeError("IGQWeightObserver is removed by its convert(), not turned into qparams")
+
+    def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
+        source = observer_node.args[0]
+        observer_node.replace_all_uses_with(source)
+        model.graph.erase_node(observer_node)
+        _erase_unused_attrs(model.graph, [source])
         model.recompile()
 
 
@@ -202,10 +231,14 @@ def fit_ranges(prepared: torch.fx.GraphModule, *, learn: bool = True) -> None:
 
 
 class IGQQuantizer(Quantizer):
-    """A torchao pt2e Quantizer that annotates the IGQ sites of ``config`` (default IGQConfig())."""
+    """A torchao pt2e Quantizer that annotates the IGQ sites of ``config`` (default IGQConfig()).
 
-    def __init__(self, config: Optional[igq.IGQConfig] = None) -> None:
+    Weights are fake-quantized while calibrating when ``config.calibration_weights == "quantized"``
+    (the default, as igq.quantize does) and while training with ``is_qat=True`` (prepare_qat_pt2e)."""
+
+    def __init__(self, config: Optional[igq.IGQConfig] = None, *, is_qat: bool = False) -> None:
         super().__init__()
+        self.is_qat = bool(is_qat)
         config = igq.IGQConfig() if config is None else config
         if not isinstance(config, igq.IGQConfig):
             raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
@@ -232,6 +265,10 @@ class IGQQuantizer(Quantizer):
             kwargs = igq.act_quantizer_kwargs(cfg, settings.a_bits, settings.scheme, settings.groups,
                                               block_site=settings.block_site)
             edges.setdefault(node, {})[node.args[0]] = self._spec(kind="input", site=name, quantizer_kwargs=kwargs)
+            if cfg.calibration_weights == "quantized" or self.is_qat:  # weights fake-quantized while observing
+                edges[node][node.args[1]] = QuantizationSpec(
+                    dtype=torch.int8,
+                    observer_or_fake_quant_ctr=IGQWeightObserver.with_args(**igq.weight_quant_kwargs(cfg, settings.w_bits)))
         if cfg.quantize_attention:
             operands = _graph.operand_sites(model, _is_observer)
             head_dims = {scope: _head_dim(matmul.args[0]) for (matmul, _), (scope, tag) in operands.items() if tag == "q"}
