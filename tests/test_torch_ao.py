@@ -1,131 +1,273 @@
-"""torch.ao FX flow: prepare_fx with get_igq_qconfig_mapping -> calibrate by running -> convert_igq_fx.
+"""torch.ao FX and torchao pt2e flows against igq.quantize.
 
-Equivalence: the FX flow calibrates with float weights (torch.ao's post-training flow). The core flow
-calibrated the same way (weight fake-quant off during calibration) must give the same model: same
-sites, ranges, weight codes and outputs."""
+The three flows build the same model from the same config and calibration data: same sites, ranges,
+weight codes and outputs (measured bit-identical on CPU; asserted with 1e-6). A plain prepare_fx
+model calibrates with float weights (torch.ao's convention), so it is compared with
+igq.quantize(calibration_weights="float"); prepare_igq_fx and the pt2e quantizer honour the config's
+calibration_weights like igq.quantize."""
+import dataclasses
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from torch import nn
 from torch.ao.quantization import quantize_fx
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
 import igq_plugin as igq
 from nets import MLP
-from igq_plugin.integrations.torch_ao import IGQFakeQuantize, convert_igq_fx, get_igq_qconfig_mapping
+from igq_plugin.integrations.torch_ao import (IGQFakeQuantize, IGQQuantizer, convert_igq_fx, fit_ranges,
+                                              get_igq_backend_config, get_igq_qconfig_mapping, prepare_igq_fx)
+
+CFG = igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4)
 
 
-Net = MLP
+def _quiet():
+    """torch.ao's FX API announces its deprecation; nothing else may warn."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"timm\..*")
+    return ctx
 
 
-def _fx(model, cfg, data):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's own deprecation notice
-        prepared = quantize_fx.prepare_fx(model, get_igq_qconfig_mapping(cfg), (data[0],))
+def _run(model, data):
     with torch.no_grad():
         for x in data:
-            prepared(x)
-    return convert_igq_fx(prepared, progress=False)
+            model(x)
+    return model
 
 
-def _core_float_weight_calibration(model, cfg, data):
-    prepared = igq.prepare(model, cfg)
-    weighted = [site.weight_quantizer for site in igq.sites(prepared) if site.weight_quantizer is not None]
-    for wq in weighted:
-        wq.weight_fake_quant_enabled = False
-    igq.calibrate(prepared, data, progress=False)
-    for wq in weighted:
-        wq.weight_fake_quant_enabled = True
-    return igq.convert(prepared, progress=False)
+def _plain_fx(model, cfg, data):
+    ctx = _quiet()
+    try:
+        prepared = quantize_fx.prepare_fx(model, get_igq_qconfig_mapping(cfg), (data[0],),
+                                          backend_config=get_igq_backend_config())
+    finally:
+        ctx.__exit__(None, None, None)
+    return convert_igq_fx(_run(prepared, data), progress=False)
+
+
+def _igq_fx(model, cfg, data):
+    ctx = _quiet()
+    try:
+        prepared = prepare_igq_fx(model, cfg, (data[0],))
+    finally:
+        ctx.__exit__(None, None, None)
+    return convert_igq_fx(_run(prepared, data), progress=False)
+
+
+def _export(model, x):
+    return torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+
+
+def _pt2e(model, cfg, data):
+    prepared = prepare_pt2e(_export(model, data[0]), IGQQuantizer(cfg))
+    return convert_pt2e(_run(prepared, data))
+
+
+def _unfused(model):
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False  # the traced graphs then show Q K^T and the softmax
+    return model
 
 
 def _models():
     return {
-        "mlp": (Net().eval(), [torch.randn(4, 6, 16) for _ in range(3)], torch.randn(3, 6, 16)),
+        "mlp": (MLP().eval(), [torch.randn(4, 6, 16) for _ in range(3)], torch.randn(3, 6, 16)),
         "deit": (_unfused(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
                                             num_classes=10).eval()),
                  [torch.randn(4, 3, 32, 32) for _ in range(2)], torch.randn(3, 3, 32, 32)),
     }
 
 
-def _unfused(model):
-    """prepare_fx traces the model as it is; igq.prepare switches timm's fused attention off. Compare like with like."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
+def _assert_same(flow, core, x, min_sites):
+    a = {s.name: s for s in igq.sites(flow)}
+    b = {s.name: s for s in igq.sites(core)}
+    assert sorted(a) == sorted(b) and len(a) >= min_sites
+    for name, site in a.items():
+        other = b[name]
+        assert (site.kind, site.consumer, site.quantizer.bits) == (other.kind, other.consumer, other.quantizer.bits)
+        for attr in ("lo", "hi"):
+            if hasattr(other.quantizer, attr):
+                assert torch.equal(getattr(site.quantizer, attr), getattr(other.quantizer, attr)), (name, attr)
+        if other.weight_quantizer is not None:
+            assert torch.equal(site.weight_quantizer.weight_scale, other.weight_quantizer.weight_scale)
+    with torch.no_grad():
+        torch.testing.assert_close(flow(x), core(x), rtol=1e-6, atol=1e-6)
+
+
+SITES = {"mlp": 2, "deit": 1 + 2 * 8 + 1}  # DeiT: patch embedding, per block 4 Linears + Q, K, V, softmax, head
 
 
 @pytest.mark.parametrize("name", ["mlp", "deit"])
-def test_fx_flow_equals_the_core_flow(name):
+def test_plain_prepare_fx_equals_igq_quantize_with_float_weight_calibration(name):
     torch.manual_seed(0)
     model, data, x = _models()[name]
-    cfg = igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, quantize_attention=False)
-    fx = _fx(model, cfg, data)
-    core = _core_float_weight_calibration(model, cfg, data)
-    fx_sites = {s.consumer: s for s in igq.sites(fx)}
-    core_sites = {s.consumer: s for s in igq.sites(core)}
-    assert fx_sites.keys() == core_sites.keys() and len(fx_sites) >= 2
-    for consumer, site in fx_sites.items():
-        other = core_sites[consumer]
-        assert site.kind == other.kind and site.quantizer.bits == other.quantizer.bits
-        assert torch.equal(site.quantizer.lo, other.quantizer.lo) and torch.equal(site.quantizer.hi, other.quantizer.hi)
-        assert torch.equal(site.weight_quantizer.weight_scale, other.weight_quantizer.weight_scale)
-    with torch.no_grad():
-        torch.testing.assert_close(fx(x), core(x), rtol=1e-6, atol=1e-6)
-    report = igq.report(fx, x)
-    assert [s.site for s in report.sites if s.kind != "float"] == list(fx_sites)
+    cfg = dataclasses.replace(CFG, calibration_weights="float")
+    fx = _plain_fx(model, cfg, data)
+    _assert_same(fx, igq.quantize(model, cfg, data, progress=False), x, SITES[name])
+    layers = {s.site for s in igq.report(fx, x).sites if s.kind in ("linear", "conv")}
+    assert layers == {s.consumer for s in igq.sites(fx) if s.weight_quantizer is not None}
     targets = {str(n.target) for n in torch.export.export(fx, (x,)).graph.nodes}
     assert "igq.group_fake_quant.default" in targets
+    assert not any(isinstance(m, IGQFakeQuantize) for m in fx.modules())
 
 
-def test_fx_model_gets_gptq_rounding_through_its_sites():
+@pytest.mark.parametrize("calibration_weights", ["quantized", "float"])
+@pytest.mark.parametrize("name", ["mlp", "deit"])
+def test_prepare_igq_fx_and_pt2e_equal_igq_quantize(name, calibration_weights):
+    torch.manual_seed(0)
+    model, data, x = _models()[name]
+    cfg = dataclasses.replace(CFG, calibration_weights=calibration_weights)
+    core = igq.quantize(model, cfg, data, progress=False)
+    _assert_same(_igq_fx(model, cfg, data), core, x, SITES[name])
+    _assert_same(_pt2e(model, cfg, data), core, x, SITES[name])
+
+
+def test_attention_sites_and_report_in_both_flows():
+    torch.manual_seed(0)
+    model, data, x = _models()["deit"]
+    for flow in (_igq_fx(model, CFG, data), _pt2e(model, CFG, data)):
+        kinds = [(s.name, s.kind) for s in igq.sites(flow, "matmul_operand")] + \
+                [(s.name, s.kind) for s in igq.sites(flow, "softmax")]
+        assert ("blocks.1.attn.k_quantizer", "matmul_operand") in kinds
+        assert ("blocks.0.attn.softmax_quantizer", "softmax") in kinds and len(kinds) == 8
+        report = {s.site: s for s in igq.report(flow, x).sites}
+        assert report["blocks.0.attn.qk"].shape["head_dim"] == 64 and report["blocks.0.attn.av"].macs > 0
+
+
+def test_pt2e_model_reexports_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model, data, x = _models()["deit"]
+    qmodel = _pt2e(model, CFG, data)
+    ops = [str(n.target) for n in qmodel.graph.nodes]  # the converted graph calls the core quantizers
+    assert "blocks.0.attn.qkv" in ops and "blocks.0.attn.softmax_quantizer" in ops
+    with torch.no_grad():
+        eager = qmodel(x)
+    exported = torch.export.export(qmodel, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    targets = [str(n.target) for n in exported.graph.nodes]
+    assert targets.count("igq.group_fake_quant.default") == SITES["deit"] - 2  # all but the softmax sites
+    assert targets.count("igq.softmax_row_fake_quant.default") == 2
+    path = tmp_path / "deit_igq.pt2"
+    torch.export.save(exported, path)
+    loaded = torch.export.load(path).module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), eager, rtol=1e-6, atol=1e-6)
+        assert loaded(torch.randn(5, 3, 32, 32)).shape == (5, 10)  # dynamic batch
+
+
+def test_fx_and_pt2e_give_the_same_model_as_gptq_rounding_through_sites():
     torch.manual_seed(0)
     model, data, x = _models()["mlp"]
-    cfg = igq.IGQConfig(num_groups=4, quantize_attention=False)
-    fx = _fx(model, cfg, data)
-    core = _core_float_weight_calibration(model, cfg, data)
-    assert igq.round_weights(fx, data, progress=False) == igq.round_weights(core, data, progress=False) == ["fc1", "fc2"]
-    assert torch.equal(fx.fc1.weight_int, core.fc1.weight_int)
+    flows = [_igq_fx(model, CFG, data), _pt2e(model, CFG, data), igq.quantize(model, CFG, data, progress=False)]
+    assert [igq.round_weights(f, data, progress=False) for f in flows] == [["fc1", "fc2"]] * 3
     with torch.no_grad():
-        torch.testing.assert_close(fx(x), core(x), rtol=1e-6, atol=1e-6)
+        outs = [f(x) for f in flows]
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[1], outs[2], rtol=1e-6, atol=1e-6)
 
 
-def test_fx_head_patterns_skip_and_only_linear_inputs_are_kept():
-    model = nn.Sequential()
-    model.add_module("fc1", nn.Linear(16, 32))
-    model.add_module("fc2", nn.Linear(32, 16))
-    model.add_module("head", nn.Linear(16, 4))
-    cfg = igq.IGQConfig(num_groups=4, skip=("fc2",), quantize_attention=False)
-    fx = _fx(model.eval(), cfg, [torch.randn(4, 6, 16) for _ in range(2)])
-    sites = {s.consumer: s for s in igq.sites(fx)}
-    assert list(sites) == ["fc1", "head"] and isinstance(fx.fc2, nn.Linear)
-    assert (sites["head"].quantizer.scheme, sites["head"].quantizer.bits, sites["head"].weight_quantizer.w_bits) == \
-        ("layer", 8, 8)
-    assert sites["fc1"].quantizer.scheme == "igq"
-    assert not any(isinstance(m, IGQFakeQuantize) for m in fx.modules())  # output observers removed
+def _train(model, data, labels, steps):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        total = 0.0
+        for x, y in zip(data, labels):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        losses.append(total)
+    return losses
+
+
+@pytest.mark.parametrize("flow", ["fx", "pt2e"])
+def test_qat_trains_weights_and_group_ranges_then_converts(flow):
+    torch.manual_seed(0)
+    model = _unfused(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10))
+    data = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    labels = [torch.randint(0, 10, (8,)) for _ in range(3)]
+    if flow == "fx":
+        ctx = _quiet()
+        try:
+            prepared = prepare_igq_fx(model.train(), CFG, (data[0],), qat=True)
+        finally:
+            ctx.__exit__(None, None, None)
+    else:
+        prepared = prepare_qat_pt2e(_export(model.train(), data[0]), IGQQuantizer(CFG, is_qat=True))
+    _run(prepared, data)  # calibration
+    fit_ranges(prepared)
+    ranges = {n: p.detach().clone() for n, p in prepared.named_parameters() if n.endswith((".lo", ".hi"))}
+    assert len(ranges) >= 2 * 8
+    losses = _train(prepared, data, labels, 8)
+    assert losses[-1] < 0.5 * losses[0], losses
+    moved = [n for n, p in prepared.named_parameters() if n in ranges and not torch.equal(p, ranges[n])]
+    assert len(moved) >= len(ranges) // 2  # gradients reached the group ranges
+    with torch.no_grad():
+        if flow == "fx":
+            trained = prepared.eval()(data[0])
+            qmodel = convert_igq_fx(prepared, progress=False)
+        else:
+            trained = prepared(data[0])
+            qmodel = convert_pt2e(prepared)
+        torch.testing.assert_close(qmodel(data[0]), trained, rtol=1e-5, atol=1e-5)
+    assert len(igq.sites(qmodel)) == SITES["deit"]
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.gate = _DataDependent()
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.gate(self.fc1(x)))
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on values: torch.fx cannot trace it
+            return x.relu()
+        return x
 
 
 def test_fx_errors():
-    cfg = igq.IGQConfig(num_groups=4, quantize_attention=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        prepared = quantize_fx.prepare_fx(Net().eval(), get_igq_qconfig_mapping(cfg), (torch.randn(2, 6, 16),))
+    cfg = dataclasses.replace(CFG, quantize_attention=False)
+    with pytest.raises(RuntimeError, match=r"cannot trace 'gate' \(_DataDependent\).*set_non_traceable_module_names"
+                                           r".*pt2e.*igq.quantize"):
+        prepare_igq_fx(_Branchy().eval(), cfg, (torch.randn(2, 16),))
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+    custom = PrepareCustomConfig().set_non_traceable_module_names(["gate"])  # the way out the message names
+    ctx = _quiet()
+    try:
+        prepared = prepare_igq_fx(_Branchy().eval(), cfg, (torch.randn(2, 16),), prepare_custom_config=custom)
+    finally:
+        ctx.__exit__(None, None, None)
     nodes = [n.name for n in prepared.graph.nodes]
     with pytest.raises(RuntimeError, match="saw no calibration batch"):
         convert_igq_fx(prepared)
     assert [n.name for n in prepared.graph.nodes] == nodes  # nothing changed before the error
+    assert [s.consumer for s in igq.sites(convert_igq_fx(_run(prepared, [torch.randn(2, 16)]), progress=False))] == \
+        ["fc1", "fc2"]
     with pytest.raises(ValueError, match="no IGQFakeQuantize"):
-        convert_igq_fx(torch.fx.symbolic_trace(Net()))
+        convert_igq_fx(torch.fx.symbolic_trace(MLP()))
     with pytest.raises(TypeError, match="GraphModule returned by prepare_fx"):
-        convert_igq_fx(Net())
+        convert_igq_fx(MLP())
     from torch.ao.quantization import default_qconfig
 
     mixed = get_igq_qconfig_mapping(cfg).set_module_name("fc2", default_qconfig)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = quantize_fx.prepare_fx(Net().eval(), mixed, (torch.randn(2, 6, 16),))
+        prepared = quantize_fx.prepare_fx(MLP().eval(), mixed, (torch.randn(2, 6, 16),))
         prepared(torch.randn(2, 6, 16))
     with pytest.raises(ValueError, match="mixes torch.ao's own"):
         convert_igq_fx(prepared)
@@ -133,17 +275,77 @@ def test_fx_errors():
         IGQFakeQuantize(bits=4, scheme="igq", num_groups=2).calculate_qparams()
 
 
-def test_readme_fx_example_runs():
-    """README's torch.ao FX example, executed as written."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    match = re.search(r"<!-- readme-example: torch_ao_fx -->\n```python\n(.*?)```", text, re.S)
-    assert match, "README lost its torch.ao FX example"
-    scope: dict = {}
+def test_fx_without_the_backend_config_says_what_it_misses(caplog):
+    torch.manual_seed(0)
+    model, data, _ = _models()["deit"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # only torch.ao's deprecation notice (filtered in the example) may warn
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"timm\..*")
-        exec(compile(match.group(1), "README.md", "exec"), scope)
-    assert isinstance(scope["qmodel"], torch.fx.GraphModule) and len(igq.sites(scope["qmodel"])) == 1 + 12 * 4 + 1
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prepared = quantize_fx.prepare_fx(model, get_igq_qconfig_mapping(CFG), (data[0],))
+    with caplog.at_level("WARNING", logger="igq_plugin"):
+        qmodel = convert_igq_fx(_run(prepared, data), progress=False)
+    assert "backend_config=get_igq_backend_config()" in caplog.text and "blocks.0.attn" in caplog.text
+    assert not igq.sites(qmodel, "softmax") and len(igq.sites(qmodel, "linear_input")) == 9
+
+
+def test_pt2e_errors():
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import (ComposableQuantizer, QuantizationAnnotation, QuantizationSpec,
+                                                     Quantizer)
+
+    prepared = prepare_pt2e(_export(MLP().eval(), torch.randn(2, 6, 16)), IGQQuantizer(CFG))
+    with pytest.raises(RuntimeError, match="saw no calibration batch.*before convert_pt2e"):
+        convert_pt2e(prepared)
+
+    class Int8Outputs(Quantizer):  # another quantizer: observes the outputs of ``target`` nodes it finds free
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def annotate(self, model):
+            spec = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+                                    observer_or_fake_quant_ctr=MinMaxObserver)
+            for node in model.graph.nodes:
+                if node.target is self.target and "quantization_annotation" not in node.meta:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=spec, _annotated=True)
+            return model
+
+        def validate(self, model):
+            pass
+
+    linear, gelu = torch.ops.aten.linear.default, torch.ops.aten.gelu.default
+    with pytest.raises(ValueError, match="already annotated by another quantizer"):
+        prepare_pt2e(_export(MLP().eval(), torch.randn(2, 6, 16)),
+                     ComposableQuantizer([Int8Outputs(linear), IGQQuantizer(CFG)]))
+    with pytest.raises(ValueError, match="input of 'fc2' .* also observed by another quantizer"):
+        prepare_pt2e(_export(MLP().eval(), torch.randn(2, 6, 16)),
+                     ComposableQuantizer([Int8Outputs(gelu), IGQQuantizer(CFG)]))
+    # the other order: torchao's ComposableQuantizer does not validate; convert_pt2e stops before any IGQ change
+    prepared = prepare_pt2e(_export(MLP().eval(), torch.randn(2, 6, 16)),
+                            ComposableQuantizer([IGQQuantizer(CFG), Int8Outputs(gelu)]))
+    _run(prepared, [torch.randn(2, 6, 16)])
+    with pytest.raises(ValueError, match="input of 'fc2' .* also observed by another quantizer"):
+        convert_pt2e(prepared)
+    assert not igq.sites(prepared)
+    with pytest.raises(ValueError, match="reparameterization"):
+        IGQQuantizer(igq.IGQConfig(reparam="repq"))
+    with pytest.raises(TypeError, match="IGQConfig"):
+        IGQQuantizer({"weight_bits": 4})
+
+
+def _readme_example(marker):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(rf"<!-- readme-example: {marker} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README lost its {marker} example"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("marker", ["torch_ao_fx", "torch_ao_pt2e"])
+def test_readme_examples_run(marker):
+    """README's torch.ao examples, executed as written; only torch.ao's deprecation notice may warn."""
+    scope: dict = {}
+    ctx = _quiet()
+    try:
+        exec(compile(_readme_example(marker), "README.md", "exec"), scope)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert len(igq.sites(scope["qmodel"])) == 1 + 12 * 8 + 1

@@ -236,19 +236,19 @@ class _ScopeTracer(torch.fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.scope: list[tuple[str, str]] = []
+        self.stack: list[tuple[str, str]] = []  # (not "scope": torch.fx.Tracer uses that name)
         self.failed_at: Optional[tuple[str, str]] = None
 
     def call_module(self, m, forward, args, kwargs):
-        self.scope.append((self.path_of_module(m), type(m).__name__))
+        self.stack.append((self.path_of_module(m), type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_at is None:
-                self.failed_at = self.scope[-1]
+                self.failed_at = self.stack[-1]
             raise
         finally:
-            self.scope.pop()
+            self.stack.pop()
 
 
 def _untraceable(model: nn.Module, err: Exception) -> Optional[RuntimeError]:
@@ -344,7 +344,8 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
         raise ValueError(f"the model mixes torch.ao's own fake-quant / observers ({mixed[0].target}) with IGQ ones: "
                          "build the qconfig mapping with get_igq_qconfig_mapping only")
     operands = _graph.operand_sites(prepared, _is_observer) if cfg.quantize_attention else {}
-    observed_matmuls = {m for (m, _), _ in operands.items()}
+    fq_nodes = {node for node, _ in fake_quants}
+    observed_matmuls = {m for (m, index) in operands if m.args[index] in fq_nodes}
     kept, dropped = [], []
     for node, fq in fake_quants:
         operand = _operand_role(node, operands)

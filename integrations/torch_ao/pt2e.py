@@ -136,6 +136,9 @@ class IGQObserver(FakeQuantizeBase):
 
     def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
         """Write this site into the converted graph (called by torchao's convert_pt2e)."""
+        if not model.meta.get("igq_checked_not_mixed"):
+            _check_not_mixed(model)
+            model.meta["igq_checked_not_mixed"] = True
         if self.quantizer is None:
             raise RuntimeError(f"IGQ site '{self._site_name()}' saw no calibration batch: run calibration data through "
                                "the prepared model before convert_pt2e")
@@ -285,8 +288,45 @@ class IGQQuantizer(Quantizer):
                     "sites stay in float (export the model with unfused attention, e.g. timm fused_attn = False)",
                     ", ".join(fused))
         for node, input_map in edges.items():
+            previous = node.meta.get("quantization_annotation")
+            if previous is not None and getattr(previous, "_annotated", False):
+                raise ValueError(f"'{_graph.scope(node) or node.name}' ({node.name}) is already annotated by another "
+                                 "quantizer: an IGQ site cannot mix with other quantizers' observers. Leave it to one "
+                                 "quantizer (IGQConfig(skip=...) leaves it to the other)")
+            for arg in input_map:
+                producer = arg.meta.get("quantization_annotation")
+                if producer is not None and producer.output_qspec is not None and not _is_igq_spec(producer.output_qspec):
+                    raise _mixed(node, f"the output of {arg.name}")
             node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True)
         return model
 
     def validate(self, model: torch.fx.GraphModule) -> None:
-        pass
+        _check_not_mixed(model)
+
+
+def _mixed(node: torch.fx.Node, other: str) -> ValueError:
+    return ValueError(f"the input of '{_graph.scope(node) or node.name}' ({node.name}) is also observed by another "
+                      f"quantizer ({other}): one tensor gets one quantizer. Leave the site to one of them "
+                      "(IGQConfig(skip=...) leaves it to the other)")
+
+
+def _check_not_mixed(model: torch.fx.GraphModule) -> None:
+    """No IGQ observer may read a tensor another quantizer observes (its observer, or the dequantize its
+    convert wrote): checked over the whole graph before the first IGQ site is converted."""
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), IGQObserver):
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node):
+            continue
+        other = source.op == "call_module" and _is_observer(model.get_submodule(source.target)) and not \
+            isinstance(model.get_submodule(source.target), (IGQObserver, IGQWeightObserver))
+        if other or (source.op == "call_function" and "dequantize" in str(source.target)):
+            user = next(iter(node.users), node)
+            raise _mixed(user, source.name)
+
+
+def _is_igq_spec(spec) -> bool:
+    ctr = getattr(spec, "observer_or_fake_quant_ctr", None)
+    cls = getattr(getattr(ctr, "p", None), "func", ctr)
+    return isinstance(cls, type) and issubclass(cls, (IGQObserver, IGQWeightObserver))
