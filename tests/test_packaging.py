@@ -155,6 +155,24 @@ def test_installed_wheel_imports_and_quantizes(built, tmp_path):
         assert y.shape == (4, 10, 8), y.shape
         assert torch.isfinite(y).all()
         assert any(isinstance(m, igq.QuantLinear) for m in qmodel.modules())
+        # the torch.ao adapter's FX and pt2e flows, from the installed wheel
+        import warnings
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from igq_plugin.integrations.torch_ao import IGQQuantizer, convert_igq_fx, prepare_igq_fx
+        assert inside(sys.modules["igq_plugin.integrations.torch_ao.fx"])
+        data = [torch.randn(4, 10, 16) for _ in range(2)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            fx = prepare_igq_fx(model, config, (data[0],))
+        pt2e = prepare_pt2e(torch.export.export(model, (data[0],)).module(), IGQQuantizer(config))
+        with torch.no_grad():
+            for x in data:
+                fx(x), pt2e(x)
+        fx, pt2e = convert_igq_fx(fx, progress=False), convert_pt2e(pt2e)
+        assert inside(sys.modules["igq_plugin.integrations.torch_ao.pt2e"])
+        core = igq.quantize(model, config, data, progress=False)
+        with torch.no_grad():
+            assert torch.equal(fx(data[0]), core(data[0])) and torch.equal(pt2e(data[0]), core(data[0]))
         print("ok", igq.__file__)
     """)
     out = _run([python, "-I", "-c", code], cwd=tmp_path, env=_clean_env())

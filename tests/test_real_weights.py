@@ -64,3 +64,36 @@ def test_probe_igq_beats_layerwise_at_w4a4_small():
             res[scheme] = task.evaluate(igq.quantize(model, cfg, calib, progress=False))
     assert res["igq"]["top1"] > res["layer"]["top1"], res
     assert res["igq"]["cosine"] > res["layer"]["cosine"] + 0.1, res
+
+
+def test_torch_ao_flows_equal_igq_quantize_on_real_dinov2():
+    """FX (prepare_igq_fx), pt2e (IGQQuantizer) and igq.quantize: the same model on the real DINOv2-S."""
+    import warnings
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from igq_plugin.integrations.torch_ao import IGQQuantizer, convert_igq_fx, prepare_igq_fx
+
+    model = load_dinov2_small()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    images = load_images(calibration_photos(10))
+    calib, test = list(images[:8].split(4)), images[8:]
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=8)
+    core = igq.quantize(model, cfg, calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        fx = prepare_igq_fx(model, cfg, (calib[0],))
+    exported = torch.export.export(model, (calib[0],), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    pt2e = prepare_pt2e(exported, IGQQuantizer(cfg))
+    with torch.no_grad():
+        for batch in calib:
+            fx(batch)
+            pt2e(batch)
+    fx, pt2e = convert_igq_fx(fx, progress=False), convert_pt2e(pt2e)
+    assert len(igq.sites(core)) == len(igq.sites(fx)) == len(igq.sites(pt2e)) == 1 + 12 * 8  # no head: backbone
+    with torch.no_grad():
+        ref = core(test)
+        torch.testing.assert_close(fx(test), ref, rtol=1e-6, atol=1e-6)  # measured: identical
+        torch.testing.assert_close(pt2e(test), ref, rtol=1e-6, atol=1e-6)
