@@ -130,6 +130,18 @@ def test_prepare_igq_fx_and_pt2e_equal_igq_quantize(name, calibration_weights):
     _assert_same(_pt2e(model, cfg, data), core, x, SITES[name])
 
 
+def test_skip_patterns_follow_the_core_in_both_flows():
+    """skip matches each module's own name (a skipped block leaves its children quantized), as igq.quantize."""
+    torch.manual_seed(0)
+    model, data, x = _models()["deit"]
+    cfg = dataclasses.replace(CFG, skip=("blocks.0", "blocks.1.attn", "blocks.0.mlp.fc2"))
+    core = igq.quantize(model, cfg, data, progress=False)
+    assert "blocks.0.mlp.fc1" in {s.consumer for s in igq.sites(core)}
+    assert "blocks.1.attn" not in {s.consumer for s in igq.sites(core)}
+    for flow in (_igq_fx(model, cfg, data), _pt2e(model, cfg, data), _plain_fx(model, cfg, data)):
+        assert sorted(s.name for s in igq.sites(flow)) == sorted(s.name for s in igq.sites(core))
+
+
 def test_attention_sites_and_report_in_both_flows():
     torch.manual_seed(0)
     model, data, x = _models()["deit"]

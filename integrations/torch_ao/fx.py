@@ -35,6 +35,7 @@ from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 import igq_plugin as igq
 from igq_plugin import ops
 from igq_plugin.attention import OperandQuantizer
+from igq_plugin.quantize import matches
 
 from . import _graph
 
@@ -193,8 +194,8 @@ def _regex(patterns: tuple[str, ...]) -> Optional[str]:
 
 def get_igq_qconfig_mapping(cfg: Optional[igq.IGQConfig] = None) -> QConfigMapping:
     """A QConfigMapping for ``prepare_fx`` / ``prepare_qat_fx``: every nn.Linear under ``cfg``, the
-    ``head_patterns`` / ``embed_patterns`` modules layer-wise at their bits, ``skip`` modules float,
-    and (``quantize_attention``) the matmul inputs (pass ``backend_config=get_igq_backend_config()``
+    ``head_patterns`` / ``embed_patterns`` modules layer-wise at their bits (``skip`` modules are
+    observed but left float by :func:`convert_igq_fx`, by the core's rule), and (``quantize_attention``) the matmul inputs (pass ``backend_config=get_igq_backend_config()``
     so that torch.ao observes the ``@`` operator)."""
     cfg = _check_cfg(cfg)
     mapping = QConfigMapping().set_object_type(nn.Linear, get_igq_qconfig(cfg))
@@ -209,8 +210,8 @@ def get_igq_qconfig_mapping(cfg: Optional[igq.IGQConfig] = None) -> QConfigMappi
             layer = None if bits is None else _qconfig(cfg, igq.act_quantizer_kwargs(cfg, bits, "layer", 1,
                                                                                      block_site=False), bits)
             mapping = mapping.set_module_name_regex(regex, layer)
-    if cfg.skip:
-        mapping = mapping.set_module_name_regex(_regex(cfg.skip), None)
+    # ``skip`` is applied by convert_igq_fx / fit_ranges with the core's rule (each module's own name):
+    # a torch.ao module-name qconfig of None would also leave every child of a matching module float.
     mapping.igq_config = cfg  # prepare_fx keeps a copy of the mapping on the model: convert_igq_fx reads it there
     return mapping
 
@@ -354,6 +355,9 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
                 f"'{node.target}' observes both a layer's output and the {operand[1]} operand of '{operand[0]}' "
                 "(torch.ao shares one observer between them): put a float op between them, or quantize this model "
                 "with igq.quantize or the pt2e flow")
+        if operand is not None and matches(operand[0], cfg.skip):
+            dropped.append(node)
+            continue
         if operand is not None:
             if not fq.observed:
                 raise RuntimeError(f"'{node.target}' ({operand[1]} operand of '{operand[0]}') saw no calibration "
