@@ -174,6 +174,24 @@ def test_pt2e_model_reexports_saves_and_loads(tmp_path):
         assert loaded(torch.randn(5, 3, 32, 32)).shape == (5, 10)  # dynamic batch
 
 
+def test_fx_convert_rounds_weights_with_gptq_as_igq_quantize_does():
+    torch.manual_seed(0)
+    model, data, x = _models()["mlp"]
+    cfg = dataclasses.replace(CFG, weight_rounding="gptq")
+    ctx = _quiet()
+    try:
+        prepared = _run(prepare_igq_fx(model, cfg, (data[0],)), data)
+    finally:
+        ctx.__exit__(None, None, None)
+    with pytest.raises(ValueError, match="calibration_data=batches"):
+        convert_igq_fx(prepared)
+    fx = convert_igq_fx(prepared, calibration_data=data, progress=False)
+    core = igq.quantize(model, cfg, data, progress=False)
+    assert torch.equal(fx.fc1.weight_int, core.fc1.weight_int) and fx.fc1.weight_int.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x), core(x), rtol=1e-6, atol=1e-6)
+
+
 def test_fx_and_pt2e_give_the_same_model_as_gptq_rounding_through_sites():
     torch.manual_seed(0)
     model, data, x = _models()["mlp"]
@@ -340,6 +358,10 @@ def test_pt2e_errors():
     assert not igq.sites(prepared)
     with pytest.raises(ValueError, match="reparameterization"):
         IGQQuantizer(igq.IGQConfig(reparam="repq"))
+    with pytest.raises(ValueError, match="group allocation"):
+        IGQQuantizer(igq.IGQConfig(group_allocation="bop"))
+    with pytest.raises(ValueError, match=r"igq.round_weights\(qmodel, data\)"):
+        IGQQuantizer(igq.IGQConfig(weight_rounding="gptq"))
     with pytest.raises(TypeError, match="IGQConfig"):
         IGQQuantizer({"weight_bits": 4})
 

@@ -170,11 +170,22 @@ def _qconfig(cfg: igq.IGQConfig, act_kwargs: dict, w_bits: int) -> QConfig:
                    weight=IGQWeightFakeQuantize.with_args(**igq.weight_quant_kwargs(cfg, w_bits)))
 
 
-def _check_cfg(cfg: Optional[igq.IGQConfig]) -> igq.IGQConfig:
+def check_flow_config(cfg: Optional[igq.IGQConfig], flow: str) -> igq.IGQConfig:
+    """The config (default IGQConfig()) if the torch.ao flows can build it; a clear error otherwise."""
     cfg = igq.IGQConfig() if cfg is None else cfg
     if not isinstance(cfg, igq.IGQConfig):
         raise TypeError(f"cfg must be an igq_plugin.IGQConfig, got {type(cfg).__name__}")
+    if cfg.reparam:
+        raise ValueError(f"reparameterization (IGQConfig.reparam) is not part of the {flow} flow yet: use "
+                         "igq.quantize, or reparam=None")
+    if cfg.group_allocation is not None:
+        raise ValueError(f"group allocation (IGQConfig.group_allocation) is not part of the {flow} flow yet: use "
+                         "igq.quantize, or group_allocation=None")
     return cfg
+
+
+def _check_cfg(cfg: Optional[igq.IGQConfig]) -> igq.IGQConfig:
+    return check_flow_config(cfg, "torch.ao FX")
 
 
 def get_igq_qconfig(cfg: Optional[igq.IGQConfig] = None, *, bits: Optional[int] = None, scheme: Optional[str] = None,
@@ -451,18 +462,23 @@ def _weight_fake_quant(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig, name:
 
 
 def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *,
-                   progress: bool = True) -> torch.fx.GraphModule:
+                   calibration_data: Any = None, progress: bool = True) -> torch.fx.GraphModule:
     """Convert a calibrated (or QAT-trained) ``prepare_fx`` / ``prepare_qat_fx`` GraphModule (in place; returned).
 
     ``cfg``: the IGQConfig given to :func:`get_igq_qconfig_mapping` (weight bits and clipping);
-    default: the one the mapping recorded, else IGQConfig().
+    default: the one the mapping recorded, else IGQConfig(). ``calibration_data``: with
+    ``weight_rounding="gptq"``, the batches the weights are GPTQ-rounded on (``igq.round_weights``),
+    as igq.quantize does after fitting the ranges.
     """
     if not isinstance(prepared, torch.fx.GraphModule):
         raise TypeError(f"convert_igq_fx takes the GraphModule returned by prepare_fx, got {type(prepared).__name__}")
     cfg = _check_cfg(cfg or _mapping_config(prepared))
-    if cfg.reparam:
-        raise ValueError("reparameterization (IGQConfig.reparam) is not part of the FX flow yet: use igq.quantize, or "
-                         "reparam=None")
+    if cfg.weight_rounding == "gptq" and calibration_data is None:
+        raise ValueError("weight_rounding='gptq' rounds the weights on calibration data after the ranges are fitted: "
+                         "pass it, convert_igq_fx(prepared, calibration_data=batches)")
+    if calibration_data is not None and cfg.weight_rounding != "gptq":
+        raise ValueError("calibration_data is only used by weight_rounding='gptq': drop it, or set "
+                         "IGQConfig(weight_rounding='gptq')")
     kept, dropped = _plan(prepared, cfg)
     _bind(kept)
     for node in dropped:
@@ -488,4 +504,8 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
     prepared.graph.lint()
     prepared.recompile()
     setattr(prepared, "igq_config", cfg)
-    return igq.convert(prepared, progress=progress)
+    igq.convert(prepared, progress=progress)
+    if cfg.weight_rounding == "gptq":
+        data = calibration_data if isinstance(calibration_data, torch.Tensor) else list(calibration_data)
+        igq.round_weights(prepared, data, damp=cfg.gptq_damp, progress=progress)
+    return prepared

@@ -31,7 +31,7 @@ from igq_plugin.attention import OperandQuantizer
 from igq_plugin.quantize import matches
 
 from . import _graph
-from .fx import WeightFakeQuantMixin
+from .fx import WeightFakeQuantMixin, check_flow_config
 
 logger = logging.getLogger("igq_plugin")
 
@@ -242,12 +242,11 @@ class IGQQuantizer(Quantizer):
     def __init__(self, config: Optional[igq.IGQConfig] = None, *, is_qat: bool = False) -> None:
         super().__init__()
         self.is_qat = bool(is_qat)
-        config = igq.IGQConfig() if config is None else config
-        if not isinstance(config, igq.IGQConfig):
-            raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
-        if config.reparam:
-            raise ValueError("reparameterization (IGQConfig.reparam) is not part of the pt2e flow yet: use "
-                             "igq.quantize, or reparam=None")
+        config = check_flow_config(config, "pt2e")
+        if config.weight_rounding == "gptq":
+            raise ValueError("weight_rounding='gptq' needs calibration data after convert_pt2e, which takes none: use "
+                             "weight_rounding='nearest' here and call igq.round_weights(qmodel, data) on the converted "
+                             "model")
         self.config = config
 
     @staticmethod
