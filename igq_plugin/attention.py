@@ -13,7 +13,7 @@ imports timm; :func:`register_attention_adapter` adds more.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ __all__ = [
     "QuantAttention",
     "OperandQuantizer",
     "quantize_operand",
+    "quantized_attention",
     "register_attention_adapter",
     "attention_adapter_for",
     "attention_channels",
@@ -48,6 +49,33 @@ def quantize_operand(quantizer: ActQuantizer, t: torch.Tensor, channel_axis: int
         b, h, n, d = t.shape
         out = quantizer(t.transpose(1, 2).reshape(b, n, h * d)).reshape(b, n, h, d).transpose(1, 2)
     return out.transpose(-2, -1) if channel_axis == -2 else out
+
+
+def quantized_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+    quantizers: tuple[Optional[nn.Module], Optional[nn.Module], Optional[nn.Module], Optional[nn.Module]],
+    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized attention every adapter runs: (softmax(Q_hat K_hat^T + bias) quantized by row groups)
+    times V_hat, and the quantized probabilities. ``q`` is already scaled; q, k, v are [B, H, N, d];
+    ``quantizers``: the (Q, K, V, softmax) quantizers, None for a site left float. The softmax runs in
+    float32 (cast back to q's dtype); ``dropout`` acts on the probabilities before their quantizer."""
+    q_quantizer, k_quantizer, v_quantizer, softmax_quantizer = quantizers
+    if q_quantizer is not None:
+        q = quantize_operand(q_quantizer, q)
+    if k_quantizer is not None:
+        k = quantize_operand(k_quantizer, k)
+    attn = q @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout is not None:
+        attn = dropout(attn)
+    if softmax_quantizer is not None:
+        attn = softmax_quantizer(attn)
+    if v_quantizer is not None:
+        v = quantize_operand(v_quantizer, v)
+    return attn @ v, attn
 
 
 class OperandQuantizer(nn.Module):
@@ -82,22 +110,10 @@ class QuantAttention(nn.Module):
         for name, q in quantizers.items():
             setattr(self, name, q)
 
-    def _quant_operand(self, quantizer: Optional[ActQuantizer], t: torch.Tensor) -> torch.Tensor:
-        return t if quantizer is None else quantize_operand(quantizer, t)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(Q_hat K_hat^T + bias) quantized by row groups, times V_hat. q is already scaled."""
-        q = self._quant_operand(self.q_quantizer, q)
-        k = self._quant_operand(self.k_quantizer, k)
-        attn = q @ k.transpose(-2, -1)
-        if bias is not None:
-            attn = attn + bias
-        attn = attn.softmax(dim=-1)
-        attn = self.attn_drop(attn)
-        if self.softmax_quantizer is not None:
-            attn = self.softmax_quantizer(attn)
-        v = self._quant_operand(self.v_quantizer, v)
-        return attn @ v
+        quantizers = (self.q_quantizer, self.k_quantizer, self.v_quantizer, self.softmax_quantizer)
+        return quantized_attention(q, k, v, bias, quantizers, self.attn_drop)[0]
 
 
 class QuantTimmAttention(QuantAttention):

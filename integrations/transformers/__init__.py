@@ -1,1 +1,406 @@
-"""igq_plugin.integrations.transformers: adapter package (planned, DESIGN.md §5 phase 2; nothing is exported yet)."""
+"""IGQ for Hugging Face transformers: ``from_pretrained(..., quantization_config=IGQConfig(...))``.
+
+    import igq_plugin.integrations.transformers as igq_hf   # registers quant_method "igq" with transformers
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, quantization_config=igq_hf.IGQConfig(
+        weight_bits=4, act_bits=4, num_groups=8, calibration_dataset=images, processor=processor))
+    model.save_pretrained(out)                # safetensors; config.json carries the igq config
+    again = AutoModel.from_pretrained(out)    # rebuilt quantized (the plugin must be imported first)
+
+* :class:`IGQConfig` is a transformers ``QuantizationConfigMixin`` whose fields are the core
+  :class:`igq_plugin.IGQConfig`'s (read from its definition, validated by it) plus the Hugging Face
+  loading options: ``calibration_dataset``, ``processor``, ``calibration_batch_size``,
+  ``modules_to_not_convert``.
+* :class:`IGQHfQuantizer` swaps the model's Linears for core ``QuantLinear``s before the weights load
+  (``igq.prepare(..., inplace=True)``), gives every attention module that calls transformers'
+  attention interface Q, K, V and softmax quantizers, and selects the ``"igq_eager"`` attention
+  function (:func:`igq_eager_attention`, the core's quantized attention), so ViT, DeiT, Dinov2, Swin
+  and BERT-family encoders share one code path. After loading it calibrates on
+  ``calibration_dataset`` when given; otherwise the model is uncalibrated and its first forward
+  raises an error naming :func:`calibrate`.
+* A checkpoint saved by ``save_pretrained`` holds the quantizer state (ranges, weight quantizers,
+  flags) next to the float weights; loading it rebuilds the quantized model without calibration.
+
+Importing this module requires transformers (``pip install "igq_plugin[transformers]"``). The
+registration is process-global: a process that loads an "igq" checkpoint without importing this
+module gets a float model from transformers (it logs "Unknown quantization type"), so import it
+before ``from_pretrained``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import igq_plugin as igq
+from igq_plugin.attention import quantized_attention
+
+try:
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+except ImportError as err:  # pragma: no cover - transformers is in the dev environment
+    raise ImportError('igq_plugin.integrations.transformers needs transformers: pip install '
+                      '"igq_plugin[transformers]"') from err
+
+logger = logging.getLogger("igq_plugin")
+
+__all__ = ["IGQConfig", "IGQHfQuantizer", "igq_eager_attention", "calibrate", "QUANT_METHOD", "ATTENTION_NAME"]
+
+QUANT_METHOD = "igq"
+ATTENTION_NAME = "igq_eager"
+CORE_FIELDS = tuple(f.name for f in dataclasses.fields(igq.IGQConfig))  # the core definition, not a copy
+HF_FIELDS = ("calibration_dataset", "processor", "calibration_batch_size", "modules_to_not_convert")
+_CALIBRATED_ATTR = "_igq_hf_calibrated"
+# state-dict keys the quantizers add (regexes, as transformers' _keys_to_ignore_on_load_missing takes them)
+_STATE_KEYS = (r"_quantizer\.(lo|hi|calibrated)$", r"\.(weight_scale|weight_zero_point|weight_calibrated|weight_int)$")
+
+
+class IGQConfig(QuantizationConfigMixin):
+    """transformers quantization config of IGQ (``quant_method="igq"``).
+
+    Every field of :class:`igq_plugin.IGQConfig` (same names, defaults and validation), plus:
+        calibration_dataset: calibration data, run inside ``from_pretrained``: a list (or any
+            iterable / ``datasets.Dataset``) of images (PIL), image tensors [3, H, W] or [B, 3, H, W],
+            dicts of model inputs (``{"pixel_values": ...}``, ``{"input_ids": ..., "attention_mask": ...}``)
+            or texts; images and texts go through ``processor``. Not saved with the model.
+        processor: an image processor or tokenizer for images / texts / dataset rows. Not saved.
+        calibration_batch_size: instances per calibration batch (default 8).
+        modules_to_not_convert: module names left in full precision (with their children); None
+            (default): transformers' choice for the model (its classifier / output head).
+    """
+
+    def __init__(self, calibration_dataset: Any = None, processor: Any = None, calibration_batch_size: int = 8,
+                 modules_to_not_convert: Optional[list[str]] = None, quant_method: str = QUANT_METHOD,
+                 **fields: Any) -> None:
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r} for IGQConfig, got {quant_method!r}")
+        unknown = sorted(set(fields) - set(CORE_FIELDS) - {"type"})
+        if unknown:
+            raise ValueError(f"unknown IGQConfig field(s) {unknown}; valid: {sorted(set(CORE_FIELDS) - {'version'})} "
+                             f"and the loading options {list(HF_FIELDS)}")
+        if isinstance(calibration_batch_size, bool) or not isinstance(calibration_batch_size, int) \
+                or calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size must be an int >= 1, got {calibration_batch_size!r}")
+        if modules_to_not_convert is not None and (isinstance(modules_to_not_convert, str) or not all(
+                isinstance(n, str) for n in modules_to_not_convert)):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}")
+        fields.pop("type", None)
+        self.core = igq.IGQConfig(**fields)  # raises, naming the field and what is valid
+        self.quant_method = QUANT_METHOD
+        self.calibration_dataset = calibration_dataset
+        self.processor = processor
+        self.calibration_batch_size = calibration_batch_size
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+
+    def __getattr__(self, name: str) -> Any:  # the core fields read as attributes: cfg.weight_bits
+        core = self.__dict__.get("core")
+        if core is not None and name in CORE_FIELDS:
+            return getattr(core, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.core.to_dict()
+        d.pop("type", None)
+        d["quant_method"] = QUANT_METHOD
+        d["calibration_batch_size"] = self.calibration_batch_size
+        d["modules_to_not_convert"] = self.modules_to_not_convert
+        return d
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_json_string(use_diff=False).strip()})"
+
+
+def _is_hf_attention(module: nn.Module) -> bool:
+    """A module whose forward calls transformers' attention interface (ALL_ATTENTION_FUNCTIONS)."""
+    cls = type(module)
+    cached = _INTERFACE_USERS.get(cls)
+    if cached is None:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        cached = _INTERFACE_USERS[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return cached
+
+
+_INTERFACE_USERS: dict[type, bool] = {}
+
+
+def _projection(module: nn.Module) -> Optional[nn.Module]:
+    for name in ("q_proj", "query", "q"):
+        layer = getattr(module, name, None)
+        if isinstance(layer, nn.Module) and hasattr(layer, "out_features"):
+            return layer
+    return None
+
+
+def _head_dim(module: nn.Module, channels: int) -> int:
+    for name in ("head_dim", "attention_head_size"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    heads = getattr(module, "num_attention_heads", None) or getattr(module, "num_heads", None)
+    return channels // heads if heads else channels
+
+
+def _add_attention_sites(model: nn.Module, cfg: igq.IGQConfig) -> list[str]:
+    """Q, K, V and softmax quantizers on every module that calls the attention interface; returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or not _is_hf_attention(module) or _skipped(name, cfg):
+            continue
+        projection = _projection(module)
+        if projection is None:
+            logger.warning("attention module '%s' (%s) has no q_proj / query Linear: its Q, K, V and softmax sites "
+                           "stay in full precision", name, type(module).__name__)
+            continue
+        channels = projection.out_features
+        quantizers = {tag: igq.attention_quantizer(cfg, name, tag, channels) for tag in ("q", "k", "v", "softmax")}
+        for tag, quantizer in quantizers.items():
+            module.add_module(f"{tag}_quantizer", quantizer)
+        igq.register_attention_sites(model, name, quantizers, _head_dim(module, channels))
+        names.append(name)
+    return names
+
+
+def _skipped(name: str, cfg: igq.IGQConfig) -> bool:
+    from igq_plugin.quantize import matches
+
+    return matches(name, cfg.skip)
+
+
+def igq_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers attention function ``"igq_eager"``: eager attention with the module's IGQ quantizers
+    (``igq_plugin.attention.quantized_attention``, the core's; float where a module has none).
+    query / key / value: [B, H, N, d]; returns ([B, N, H, d] output, the quantized probabilities)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    quantizers = tuple(getattr(module, f"{tag}_quantizer", None) for tag in ("q", "k", "v", "softmax"))
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat K / V heads
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill(~mask, torch.finfo(query.dtype).min)
+    if mask is not None and mask.shape[-1] != key.shape[-2]:
+        mask = mask[..., : key.shape[-2]]
+
+    def drop(probs: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(probs, p=dropout, training=module.training)
+
+    out, probs = quantized_attention(query * scaling, key, value, mask, quantizers, drop)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ATTENTION_NAME, igq_eager_attention)
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+def _as_batches(model: nn.Module, data: Any, processor: Any, batch_size: int) -> Iterable:
+    """Calibration batches (tensors or dicts of model inputs) from what a user of transformers has."""
+    if isinstance(data, (torch.Tensor, dict)):
+        data = [data]
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise TypeError(f"calibration data must be a list / iterable / datasets.Dataset of images, tensors, dicts of "
+                        f"model inputs or texts, got {type(data).__name__}")
+    pending: list = []
+    kind = None
+    for index, item in enumerate(data):
+        item_kind = _kind(item)
+        if kind is not None and item_kind != kind:
+            raise TypeError(f"calibration item {index} is {item_kind}, item 0 is {kind}: use one kind of item")
+        kind = item_kind
+        if item_kind in ("tensor batch", "inputs"):
+            if pending:
+                yield _collate(model, pending, processor)
+                pending = []
+            yield _inputs(model, item, processor)
+            continue
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield _collate(model, pending, processor)
+            pending = []
+    if pending:
+        yield _collate(model, pending, processor)
+    if kind is None:
+        raise ValueError("calibration data is empty: give at least one image, tensor, dict or text")
+
+
+def _kind(item: Any) -> str:
+    if isinstance(item, torch.Tensor):
+        return "tensor batch" if item.dim() == 4 else "tensor"
+    if isinstance(item, dict):
+        return "inputs" if any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in item.values()) else "row"
+    if isinstance(item, str):
+        return "text"
+    return "image"
+
+
+def _inputs(model: nn.Module, item: Any, processor: Any) -> Any:
+    if isinstance(item, dict):
+        return {k: v for k, v in item.items() if k != "labels"}
+    return {_main_input(model): item}
+
+
+def _main_input(model: nn.Module) -> str:
+    return getattr(model, "main_input_name", "pixel_values")
+
+
+def _collate(model: nn.Module, items: list, processor: Any) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return {_main_input(model): torch.stack(items)}
+    if isinstance(first, dict):  # dataset rows: {"image": ..., "label": ...} or {"text": ...}
+        for key in ("image", "img", "pixel_values", "text", "sentence"):
+            if key in first:
+                return _collate(model, [row[key] for row in items], processor)
+        raise ValueError(f"calibration rows have keys {sorted(first)}: none of image / img / pixel_values / text / "
+                         "sentence; give model inputs instead")
+    if processor is None:
+        raise ValueError(f"calibration data holds {_kind(first)}s: pass the model's image processor or tokenizer as "
+                         "IGQConfig(processor=...) (or calibrate(..., processor=...))")
+    if isinstance(first, str):
+        out = processor(items, return_tensors="pt", padding=True, truncation=True)
+    else:
+        out = processor(images=items, return_tensors="pt")
+    return {k: v for k, v in dict(out).items() if isinstance(v, torch.Tensor)}
+
+
+def _require_calibrated(model: nn.Module, args: Any) -> None:
+    if not model.__dict__.get(_CALIBRATED_ATTR, True):
+        raise RuntimeError(
+            f"{type(model).__name__} was loaded with IGQ quantizers but no calibration: run "
+            "igq_plugin.integrations.transformers.calibrate(model, data) first (or pass "
+            "IGQConfig(calibration_dataset=...) to from_pretrained)")
+
+
+def calibrate(model: nn.Module, data: Any, *, processor: Any = None, batch_size: int = 8,
+              progress: bool = True) -> nn.Module:
+    """Calibrate a model loaded with an IGQConfig (in place; returned): observe ``data`` (see
+    :class:`IGQConfig` ``calibration_dataset``), fit the group ranges and weight quantizers (the core's
+    igq.calibrate / igq.convert, with progress bars)."""
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)
+    if not igq.sites(model):
+        if method == QUANT_METHOD:
+            raise ValueError("this model's config says quant_method 'igq' but it has no IGQ quantizers: it was loaded "
+                             "before igq_plugin.integrations.transformers was imported, so transformers loaded it in "
+                             "float. Import the plugin, then from_pretrained again")
+        raise ValueError("this model has no IGQ quantizers: load it with from_pretrained(..., "
+                         "quantization_config=IGQConfig(...)) first")
+    for site in igq.sites(model):
+        site.quantizer.mark_calibrated(False)
+        site.quantizer.start_observer()
+    was_training = model.training
+    model.eval()
+    model.__dict__[_CALIBRATED_ATTR] = True  # the guard lets the calibration batches through
+    try:
+        igq.calibrate(model, list(_as_batches(model, data, processor, batch_size)), progress=progress)
+        igq.convert(model, progress=progress)
+    except BaseException:
+        model.__dict__[_CALIBRATED_ATTR] = False
+        for site in igq.sites(model):
+            site.quantizer.observer = None
+        raise
+    finally:
+        model.train(was_training)
+    return model
+
+
+# --- the quantizer ---------------------------------------------------------------------------------
+
+class IGQHfQuantizer(HfQuantizer):
+    """transformers HfQuantizer of IGQ (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: IGQConfig, **kwargs: Any) -> None:
+        if isinstance(quantization_config, dict):
+            quantization_config = IGQConfig.from_dict(quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    def is_serializable(self, safe_serialization: bool = True) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def update_attn_implementation(self, config):
+        if self.quantization_config.core.quantize_attention:
+            requested = getattr(config, "_attn_implementation", None)
+            if requested not in (None, "eager", ATTENTION_NAME):
+                logger.info("IGQ quantizes Q, K, V and the softmax through the %r attention function: using it "
+                            "instead of %r", ATTENTION_NAME, requested)
+            config._attn_implementation = ATTENTION_NAME
+        return config
+
+    def _core_config(self, model: nn.Module) -> igq.IGQConfig:
+        hf = self.quantization_config
+        keep = hf.modules_to_not_convert
+        if keep is None:  # transformers' default: the output head / last layer (names of parameters: their modules)
+            keep = sorted({n.removesuffix(".weight").removesuffix(".bias") for n in get_keys_to_not_convert(model) if n})
+        patterns = tuple(p for name in keep for p in (name, f"{name}.*"))
+        return dataclasses.replace(hf.core, skip=tuple(hf.core.skip) + patterns)
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        cfg = self._core_config(model)
+        igq.prepare(model, dataclasses.replace(cfg, quantize_attention=False), inplace=True, observe=False)
+        if cfg.quantize_attention:
+            if not _add_attention_sites(model, cfg):
+                logger.warning("%s has no attention module that calls transformers' attention interface: its Q, K, V "
+                               "and softmax stay in full precision", type(model).__name__)
+        model.__dict__[_CALIBRATED_ATTR] = False
+        model.register_forward_pre_hook(_require_calibrated)
+        if not self.pre_quantized:  # a float checkpoint has no quantizer state: not "missing" weights to report
+            model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(_STATE_KEYS)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:  # the checkpoint holds the quantizer state: restore the Python-side flags
+            igq.sync_calibration_state(model)
+            uncalibrated = [s.name for s in igq.sites(model) if not s.quantizer.is_calibrated]
+            if uncalibrated:
+                raise ValueError(f"this igq checkpoint holds uncalibrated sites ({', '.join(uncalibrated[:3])}): save "
+                                 "calibrated models only")
+            model.__dict__[_CALIBRATED_ATTR] = True
+            return model
+        for site in igq.sites(model):  # fresh quantization: nothing of the quantizers came from the checkpoint
+            site.quantizer.mark_calibrated(False)
+            if site.weight_quantizer is not None:
+                site.weight_quantizer.calibrate_weight()
+        hf = self.quantization_config
+        if hf.calibration_dataset is not None:
+            calibrate(model, hf.calibration_dataset, processor=hf.processor, batch_size=hf.calibration_batch_size)
+        return model
+
+
+def _register() -> None:
+    """Register quant_method "igq" with transformers (once per process; a second import of this module
+    under another name replaces the first registration instead of failing)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    for mapping, cls, register in ((AUTO_QUANTIZATION_CONFIG_MAPPING, IGQConfig, register_quantization_config),
+                                   (AUTO_QUANTIZER_MAPPING, IGQHfQuantizer, register_quantizer)):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is not None and existing.__qualname__ == cls.__qualname__:
+            del mapping[QUANT_METHOD]
+        register(QUANT_METHOD)(cls)
+
+
+_register()
