@@ -13,6 +13,10 @@ Models
   imagenet    (only with --imagenet DIR) a timm ImageNet classifier with the user's weights, top-1 on an
               ImageFolder of validation images (class folders in sorted synset order).
 
+Rows "..., transformers from_pretrained" (category hf, DINOv2 at W6A6 / W4A4): the same backbone saved as
+a Hugging Face checkpoint and quantized by from_pretrained(quantization_config=igq_plugin.integrations.
+transformers.IGQConfig(..., calibration_dataset=the same photos)), next to the same config on the timm model.
+
 What is quantized (every row): the inputs and weights of every Linear in the transformer blocks (qkv,
 proj, fc1, fc2), the Q, K, V operands of the attention matmuls, and the post-softmax attention, all at
 the column's bits; patch embedding and classifier head at 8 bits (DESIGN.md §1 defaults). LayerNorm,
@@ -62,10 +66,49 @@ def methods(groups: list[int], alloc_groups: list[int]) -> dict[str, tuple[str, 
     rows["DopQ-ViT (MOSF + TanQ)"] = ("repq", igq.IGQConfig.dopq_vit)
     rows["IGQ G=8 + TanQ"] = ("repq", {"act_scheme": "igq", "num_groups": 8, "softmax_quantizer": "tanq"})
     rows["IGQ G=8 + log-sqrt2"] = ("repq", {"act_scheme": "igq", "num_groups": 8, "softmax_quantizer": "log_sqrt2"})
+    # Hugging Face: the DINOv2 checkpoint loaded by from_pretrained(quantization_config=IGQConfig(...)), next
+    # to the same config on the timm model (they should agree: tests/test_real_weights.py finds them identical)
+    rows["IGQ+ (IGQConfig.igq_plus)"] = ("hf", igq.IGQConfig.igq_plus)
+    rows[f"IGQ+ (IGQConfig.igq_plus){HF_SUFFIX}"] = ("hf", igq.IGQConfig.igq_plus)
+    rows[f"IGQ G=8{HF_SUFFIX}"] = ("hf", {"act_scheme": "igq", "num_groups": 8})
     return rows
 
 
-METHOD_CATEGORIES = ("layer", "percentile", "channel", "nncf", "igq", "alloc", "repq")
+HF_SUFFIX = ", transformers from_pretrained"
+
+
+class HFBackbone(torch.nn.Module):
+    """A transformers vision backbone seen as a timm one by the probe (forward_features: token outputs)."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state
+
+    forward = forward_features
+
+
+def hf_quantize(cfg: igq.IGQConfig, calib: list[torch.Tensor]) -> torch.nn.Module:
+    """DINOv2-S saved as a Hugging Face checkpoint (once), loaded with from_pretrained(quantization_config=...)."""
+    import transformers
+
+    import igq_plugin.integrations.transformers as igq_hf
+    from igq_plugin.bench.zoo import cache_dir, load_dinov2_small_hf
+
+    path = cache_dir() / "hf_dinov2_small_224"  # a checkpoint directory, as the Hub holds one
+    if not (path / "config.json").is_file():
+        load_dinov2_small_hf(224).save_pretrained(path)
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "type"}
+    model = transformers.AutoModel.from_pretrained(path, quantization_config=igq_hf.IGQConfig(
+        **fields, calibration_dataset=calib))
+    return HFBackbone(model)
+
+
+METHOD_CATEGORIES = ("layer", "percentile", "channel", "nncf", "igq", "alloc", "repq", "hf")
 
 
 def make_config(fields, bits: int) -> igq.IGQConfig:
@@ -172,9 +215,15 @@ def run(args) -> dict:
                     continue
                 if fields is None and bits != 8:
                     continue  # NNCF's PTQ is INT8 only
+                if category == "hf" and (name != "dinov2" or bits not in (6, 4)):
+                    continue  # the Hugging Face comparison: DINOv2-S at W6A6 and W4A4
                 t0 = time.perf_counter()
                 extra = {}
-                if fields is None:
+                if method.endswith(HF_SUFFIX):
+                    if name != "dinov2":
+                        continue  # the Hugging Face rows are DINOv2's (the checkpoint this project converts)
+                    qmodel = hf_quantize(make_config(fields, bits), calib)
+                elif fields is None:
                     qmodel = nncf_quantize(model, calib)
                 elif make_config(fields, bits).group_allocation:
                     qmodel, extra = quantize_with_allocation(model, make_config(fields, bits), calib, task)

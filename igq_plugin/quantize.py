@@ -235,7 +235,8 @@ def _check_config(config: Any) -> None:
         raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
 
 
-def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplace: bool = False) -> nn.Module:
+def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplace: bool = False,
+            attention: bool = True) -> nn.Module:
     """A quantization-ready copy of ``model``; ``model`` itself is never modified (unless ``inplace``).
 
     Known attention modules are replaced by quantized adapters, every Linear (and the patch
@@ -248,6 +249,9 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
     quantizers of meta weights are left uncalibrated; call ``calibrate_weight()`` on each site's
     weight quantizer once real weights are loaded (igq.convert does it for any that are still
     uncalibrated). Module hooks of replaced modules are kept. If it fails, the model is left as it was.
+
+    ``attention=False`` leaves the attention modules to the caller: an adapter that adds the Q, K, V
+    and softmax sites its own way (the Hugging Face quantizer, through transformers' attention interface).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -266,7 +270,7 @@ def prepare(model: nn.Module, config: IGQConfig, *, observe: bool = True, inplac
         prepared.eval()
         for module, _ in fused:
             module.fused_attn = False  # fused SDPA hides the softmax
-        if config.quantize_attention:
+        if config.quantize_attention and attention:
             _swap_attention(prepared, config, undo)
         left_float = _swap_layers(prepared, config, undo)
         order_sites(prepared)
@@ -436,10 +440,23 @@ def quantize(
     check_calibration_data(calibration_data)
     if head is not None and config.group_allocation is None:
         raise ValueError("head is only used by group allocation: set IGQConfig(group_allocation='bop') or drop head")
+    return calibrate_and_convert(prepare(model, config), calibration_data, head=head, progress=progress)
+
+
+def calibrate_and_convert(prepared: nn.Module, calibration_data: Any, *,
+                          head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          progress: bool = True) -> nn.Module:
+    """Everything :func:`quantize` does after :func:`prepare`, on a prepared model whose quantizers observe
+    (in place; returned): calibrate, reparameterize (``reparam``), allocate groups (``group_allocation``),
+    convert, GPTQ-round (``weight_rounding``), as the prepared model's config says. For flows that prepare
+    the model their own way (the Hugging Face quantizer prepares it inside from_pretrained)."""
+    config = getattr(prepared, CONFIG_ATTR, None)
+    if not isinstance(config, IGQConfig):
+        raise ValueError("this model was not prepared by igq.prepare (it carries no IGQConfig)")
+    check_calibration_data(calibration_data)
     reuses = config.group_allocation is not None or config.weight_rounding == "gptq"
     if reuses and not isinstance(calibration_data, torch.Tensor):
         calibration_data = list(calibration_data)  # run again: sensitivities, GPTQ
-    prepared = prepare(model, config)
     calibrate(prepared, calibration_data, progress=progress)
     if config.reparam:
         reparameterize(prepared)  # before allocation, so sensitivities see the final quantizers

@@ -97,3 +97,24 @@ def test_torch_ao_flows_equal_igq_quantize_on_real_dinov2():
         ref = core(test)
         torch.testing.assert_close(fx(test), ref, rtol=1e-6, atol=1e-6)  # measured: identical
         torch.testing.assert_close(pt2e(test), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_hf_from_pretrained_equals_timm_path_on_real_dinov2(tmp_path):
+    """DINOv2-S saved as a Hugging Face checkpoint, quantized by from_pretrained(quantization_config=IGQConfig):
+    the same features as igq.quantize on the timm model (measured identical at W4A4, W6A6, W8A8)."""
+    import transformers
+
+    import igq_plugin.integrations.transformers as igq_hf
+    from igq_plugin.bench.zoo import load_dinov2_small_hf
+
+    images = load_images(calibration_photos(10))
+    calib, test = list(images[:8].split(4)), images[8:]
+    load_dinov2_small_hf().save_pretrained(tmp_path)
+    cfg = dict(weight_bits=4, act_bits=4, num_groups=8)
+    hf = transformers.AutoModel.from_pretrained(tmp_path, quantization_config=igq_hf.IGQConfig(
+        **cfg, calibration_dataset=calib))
+    timm_q = igq.quantize(load_dinov2_small(), igq.IGQConfig(**cfg), calib, progress=False)
+    assert len(igq.sites(hf)) == len(igq.sites(timm_q)) + 2 * 12  # HF: q, k, v Linears where timm has one qkv
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=test).last_hidden_state, timm_q.forward_features(test),
+                                   rtol=1e-5, atol=1e-5)

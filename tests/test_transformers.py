@@ -182,3 +182,22 @@ def test_a_process_without_the_plugin_loads_float_and_calibrate_says_what_to_imp
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "quantized modules: 0" in out.stdout, out.stdout + out.stderr
     assert "loaded before igq_plugin.integrations.transformers was imported" in out.stdout
+
+
+def test_readme_example_runs():
+    """README's Hugging Face example, executed as written; nothing may warn."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- readme-example: hf_transformers -->\n```python\n(.*?)```", text, re.S)
+    assert match, "README lost its Hugging Face example"
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(match.group(1), "README.md", "exec"), scope)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(scope["again"](pixel_values=x).logits, scope["model"](pixel_values=x).logits)
+    assert len(igq.sites(scope["again"])) == 1 + 4 * 6 + 4 * 4

@@ -292,8 +292,9 @@ def _require_calibrated(model: nn.Module, args: Any) -> None:
 def calibrate(model: nn.Module, data: Any, *, processor: Any = None, batch_size: int = 8,
               progress: bool = True) -> nn.Module:
     """Calibrate a model loaded with an IGQConfig (in place; returned): observe ``data`` (see
-    :class:`IGQConfig` ``calibration_dataset``), fit the group ranges and weight quantizers (the core's
-    igq.calibrate / igq.convert, with progress bars)."""
+    :class:`IGQConfig` ``calibration_dataset``), then what igq.quantize does after preparing (the core's
+    igq.calibrate_and_convert, with progress bars): fit the group ranges and weight quantizers, and
+    reparameterize / allocate groups / GPTQ-round when the config asks."""
     qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
     method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)
     if not igq.sites(model):
@@ -309,9 +310,8 @@ def calibrate(model: nn.Module, data: Any, *, processor: Any = None, batch_size:
     was_training = model.training
     model.eval()
     model.__dict__[_CALIBRATED_ATTR] = True  # the guard lets the calibration batches through
-    try:
-        igq.calibrate(model, list(_as_batches(model, data, processor, batch_size)), progress=progress)
-        igq.convert(model, progress=progress)
+    try:  # the core's flow after prepare: calibrate, reparameterize, allocate, convert, GPTQ-round
+        igq.calibrate_and_convert(model, list(_as_batches(model, data, processor, batch_size)), progress=progress)
     except BaseException:
         model.__dict__[_CALIBRATED_ATTR] = False
         for site in igq.sites(model):
@@ -360,7 +360,7 @@ class IGQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         cfg = self._core_config(model)
-        igq.prepare(model, dataclasses.replace(cfg, quantize_attention=False), inplace=True, observe=False)
+        igq.prepare(model, cfg, inplace=True, observe=False, attention=False)  # attention: below, by this adapter
         if cfg.quantize_attention:
             if not _add_attention_sites(model, cfg):
                 logger.warning("%s has no attention module that calls transformers' attention interface: its Q, K, V "
