@@ -100,7 +100,8 @@ class _Quantizer(nn.Module):
         """Make the static ranges trainable parameters (LSQ-style: the igq ops give their gradients), or
         buffers again with ``learn=False``. State-dict keys do not change. Needs a calibrated quantizer."""
         if learn and not self.is_calibrated:
-            raise RuntimeError(f"quantizer at site '{self.site}' is not calibrated: fit its ranges before learning them")
+            raise RuntimeError(f"quantizer at site '{self.site}' is not calibrated: fit its ranges before "
+                               "learning them")
         for name in self._RANGES:
             value = getattr(self, name).detach()
             if learn and name in self._buffers:

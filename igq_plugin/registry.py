@@ -21,7 +21,8 @@ The weight quantizer of a site is any module with the weight-quantizer API of
 module uses its weight in every forward (inside it, as in QuantLinear, or before it in the graph).
 
 The registry is a plain attribute of the module it was registered on (not in the state_dict; on a
-torch.fx GraphModule also an entry of its ``meta``, which graph passes that rebuild the module keep);
+torch.fx GraphModule also an entry of its ``meta``, which torchao's convert_pt2e carries over to the
+module it rebuilds; a plain ``GraphModule(gm, graph)`` starts with an empty meta and no sites);
 ``copy.deepcopy`` of the model copies it with the modules it points to, and :func:`sites` of a
 container also lists the sites of a quantized model inside it (names prefixed).
 """

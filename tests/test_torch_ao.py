@@ -383,3 +383,119 @@ def test_readme_examples_run(marker):
     finally:
         ctx.__exit__(None, None, None)
     assert len(igq.sites(scope["qmodel"])) == 1 + 12 * 8 + 1
+
+
+class _TwoHeads(nn.Module):
+    """One tensor feeds two Linears (as q_proj / k_proj / v_proj do) and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.a = nn.Linear(16, 8)
+        self.b = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.a(h) + self.b(h) + h[..., :8]
+
+
+class _WeightMatmulHead(nn.Module):
+    """softmax(mean(h) @ w): a matmul with a weight before a softmax is no attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x).mean(1) @ self.w, -1)
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.fc(x))
+
+
+@pytest.mark.parametrize("net", [_TwoHeads, _WeightMatmulHead])
+def test_shared_inputs_and_weight_matmuls_match_igq_quantize(net):
+    torch.manual_seed(0)
+    model, data, x = net().eval(), [torch.randn(4, 6, 16) for _ in range(2)], torch.randn(3, 6, 16)
+    core = igq.quantize(model, CFG, data, progress=False)
+    for flow in (_igq_fx(model, CFG, data), _pt2e(model, CFG, data)):
+        assert sorted(s.name for s in igq.sites(flow)) == sorted(s.name for s in igq.sites(core))
+        with torch.no_grad():
+            torch.testing.assert_close(flow(x), core(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_module_that_runs_twice_is_refused_before_any_change():
+    torch.manual_seed(0)
+    data = [torch.randn(4, 6, 16)]
+    ctx = _quiet()
+    try:
+        prepared = _run(prepare_igq_fx(_Twice().eval(), CFG, (data[0],)), data)
+    finally:
+        ctx.__exit__(None, None, None)
+    code = prepared.code
+    with pytest.raises(ValueError, match="'fc' run.* more than once.*igq.quantize"):
+        convert_igq_fx(prepared)
+    assert prepared.code == code and not igq.sites(prepared)
+    with pytest.raises(ValueError, match="'fc' runs more than once.*igq.quantize"):
+        prepare_pt2e(_export(_Twice().eval(), data[0]), IGQQuantizer(CFG))
+
+
+def test_hf_eager_attention_gets_every_site_in_pt2e():
+    """transformers' eager attention: matmul, scale, mask, softmax(dtype=float32).to(dtype), dropout, matmul."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, attn_implementation="eager")
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = model
+
+        def forward(self, x):
+            return self.vit(pixel_values=x).last_hidden_state
+
+    data = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    qmodel = _pt2e(Features().eval(), CFG, data)
+    tags = sorted(s.name.rsplit(".", 1)[-1] for s in igq.sites(qmodel) if s.kind in ("matmul_operand", "softmax"))
+    assert tags == sorted(["q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer"] * 2)
+    assert len(igq.sites(qmodel, "linear_input")) == 2 * 6  # q, k, v, o, fc1, fc2: one observer each
+    with torch.no_grad():
+        cos = nn.functional.cosine_similarity(qmodel(data[0]).flatten(1), Features()(data[0]).flatten(1))
+    assert cos.min() > 0.5
+
+
+def test_fx_qat_keeps_skipped_layers_float_and_the_users_model_untouched():
+    torch.manual_seed(0)
+    model = MLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = dataclasses.replace(CFG, skip=("fc2",))
+    data = [torch.randn(8, 6, 16) for _ in range(2)]
+    ctx = _quiet()
+    try:
+        prepared = prepare_igq_fx(model.train(), cfg, (data[0],), qat=True)
+    finally:
+        ctx.__exit__(None, None, None)
+    _run(prepared, data)
+    fit_ranges(prepared)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for x in data:
+        loss = prepared(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert type(prepared.fc2) is nn.Linear  # float while training too
+    qmodel = convert_igq_fx(prepared.eval(), progress=False)
+    assert type(qmodel.fc2) is nn.Linear and [s.consumer for s in igq.sites(qmodel)] == ["fc1"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    site = igq.sites(qmodel)[0]
+    assert "lo" in site.quantizer._buffers and "hi" in site.quantizer._buffers  # ranges are buffers again

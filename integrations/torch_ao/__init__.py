@@ -24,8 +24,8 @@ pt2e (needs ``torchao``)::
 
 Both flows only convert and wire: the quantizers, the group-range fit, the weight quantizers and
 the site records are the core's (``igq.layer_settings``, ``igq.attention_quantizer``,
-``igq.quantized_layer``, ``igq.register_site``), so GPTQ rounding, ``igq.report``, allocation and
-``igq.save`` work on the converted models.
+``igq.quantized_layer``, ``igq.register_site``), so GPTQ rounding and ``igq.report`` work on the
+converted models; they persist through ``torch.export`` (``torch.export.save`` / ``load``).
 
 Sites each flow reaches: the input of every nn.Linear (head / patch embedding layer-wise at their
 bits, ``skip`` float; the patch-embedding Conv2d too) and, with ``quantize_attention``, the Q, K,

@@ -29,8 +29,15 @@ _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", torch.ops
             torch.ops.aten.bmm.default}
 _SOFTMAXES = {torch.softmax, torch.nn.functional.softmax, "softmax", torch.ops.aten.softmax.int,
               torch.ops.aten._softmax.default}
+# one-input ops that keep the values (in eval), e.g. HF's softmax(..., dtype=float32).to(q.dtype)
 _TRANSPARENT = {torch.ops.aten.dropout.default, torch.nn.functional.dropout, torch.ops.aten.clone.default,
-                "contiguous", "clone", torch.ops.aten.alias.default}
+                "contiguous", "clone", "to", "float", "type_as", torch.ops.aten.alias.default,
+                torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
+# one-input ops that only rearrange: a parameter seen through them is still a parameter
+_VIEWS = {"transpose", "permute", "t", "view", "reshape", "contiguous", "mT", torch.transpose, torch.permute,
+          torch.t, torch.reshape, torch.ops.aten.transpose.int, torch.ops.aten.permute.default,
+          torch.ops.aten.t.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+          torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
 
 
 def is_matmul(node: Node, gm: torch.fx.GraphModule) -> bool:
@@ -78,10 +85,27 @@ def _is_leafless(node: Node, gm: torch.fx.GraphModule) -> bool:
     return node.op == "call_module" and not any(True for _ in gm.get_submodule(node.target).parameters())
 
 
+def _is_activation(node: Node, gm: torch.fx.GraphModule, is_observer: Callable[[nn.Module], bool]) -> bool:
+    """Whether ``node`` is computed from the inputs, not a parameter / constant seen through views."""
+    while True:
+        node = source(node, gm, is_observer)
+        if node.op == "get_attr":
+            return False
+        if node.op in ("call_function", "call_method") and node.target in _VIEWS and node.args \
+                and isinstance(node.args[0], Node):
+            node = node.args[0]
+            continue
+        return True
+
+
 def attention_role(matmul: Node, gm: torch.fx.GraphModule, is_observer: Callable[[nn.Module], bool]) -> Optional[str]:
-    """"qk", "pv" or None (see the module docstring)."""
-    left = source(matmul.args[0], gm, is_observer) if isinstance(matmul.args[0], Node) else None
-    if left is not None and _is_softmax(left, gm):
+    """"qk", "pv" or None (see the module docstring). Both operands of an attention matmul are
+    activations: a matmul with a weight (a projection written as ``x @ w``) is not attention."""
+    if len(matmul.args) < 2 or not all(isinstance(a, Node) and _is_activation(a, gm, is_observer)
+                                       for a in matmul.args[:2]):
+        return None
+    left = source(matmul.args[0], gm, is_observer)
+    if _is_softmax(left, gm):
         return "pv"
     if _reaches_softmax(matmul, gm):
         return "qk"
@@ -97,7 +121,8 @@ def scope(node: Node) -> str:
     return path if isinstance(path, str) else ""
 
 
-def operand_sites(gm: torch.fx.GraphModule, is_observer: Callable[[nn.Module], bool]) -> dict[tuple[Node, int], tuple[str, str]]:
+def operand_sites(gm: torch.fx.GraphModule,
+                  is_observer: Callable[[nn.Module], bool]) -> dict[tuple[Node, int], tuple[str, str]]:
     """{(matmul node, argument index): (attention scope, tag)} for every attention matmul operand."""
     found: dict[tuple[Node, int], tuple[str, str]] = {}
     for node in gm.graph.nodes:

@@ -12,8 +12,9 @@
 * ``convert_igq_fx`` replaces each kept fake-quant module by its core quantizer (whose forward is
   the ``igq::group_fake_quant`` / ``igq::softmax_row_fake_quant`` op), each fed Linear by an
   :class:`igq_plugin.QuantLinear`, registers every site (``igq.register_site``), drops the rest
-  and calls ``igq.convert``: group ranges and weight quantizers are the core's, and GPTQ rounding,
-  ``igq.report``, allocation and ``igq.save`` work through the sites.
+  and calls ``igq.convert``: group ranges and weight quantizers are the core's, and GPTQ rounding
+  and ``igq.report`` work through the sites. Persist a converted model with ``torch.export``
+  (``igq.save`` / ``igq.load`` rebuild igq.prepare's module structure, not a traced graph's).
 * QAT: ``prepare_qat_fx`` with the same mapping; run calibration batches, call
   :func:`fit_ranges` (fits the group ranges and makes them trainable parameters), train (weights
   are fake-quantized by :class:`IGQWeightFakeQuantize`, the core's per-channel rule), then
@@ -21,6 +22,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
 import logging
 import operator
@@ -51,6 +54,17 @@ def _is_observer(module: nn.Module) -> bool:
     return isinstance(module, (FakeQuantizeBase, ObserverBase))
 
 
+@contextlib.contextmanager
+def _quiet_igq_log():
+    core_logger = logging.getLogger("igq_plugin")
+    level = core_logger.level
+    core_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        core_logger.setLevel(level)
+
+
 class IGQFakeQuantize(FakeQuantizeBase):
     """A torch.ao fake-quant module holding core quantizers (created on the first batch).
 
@@ -77,12 +91,18 @@ class IGQFakeQuantize(FakeQuantizeBase):
         self.quantizer: Optional[nn.Module] = None  # the site's registered quantizer
         self.site_module: Optional[nn.Module] = None  # what the graph calls after convert (quantizer or wrapper)
         self.candidates: Optional[nn.ModuleDict] = None  # matmul inputs before the graph says their role
+        self.seen = False  # a batch came through (a matmul input that is no attention operand makes no quantizer)
 
     @property
     def observed(self) -> bool:
         return self.quantizer is not None or self.candidates is not None
 
     def _start(self, x: torch.Tensor) -> None:
+        self.seen = True
+        with _quiet_igq_log():  # most of these observe layer outputs, dropped at convert: no group-count notes
+            self._create(x)
+
+    def _create(self, x: torch.Tensor) -> None:
         if self.role == "input":
             kwargs = dict(self.quantizer_kwargs)
             channels = x.shape[-1] if kwargs.get("scheme") != "layer" else None
@@ -206,8 +226,9 @@ def _regex(patterns: tuple[str, ...]) -> Optional[str]:
 def get_igq_qconfig_mapping(cfg: Optional[igq.IGQConfig] = None) -> QConfigMapping:
     """A QConfigMapping for ``prepare_fx`` / ``prepare_qat_fx``: every nn.Linear under ``cfg``, the
     ``head_patterns`` / ``embed_patterns`` modules layer-wise at their bits (``skip`` modules are
-    observed but left float by :func:`convert_igq_fx`, by the core's rule), and (``quantize_attention``) the matmul inputs (pass ``backend_config=get_igq_backend_config()``
-    so that torch.ao observes the ``@`` operator)."""
+    observed but left float by :func:`convert_igq_fx`, by the core's rule), and with
+    ``quantize_attention`` the matmul inputs (pass ``backend_config=get_igq_backend_config()`` so
+    that torch.ao observes the ``@`` operator)."""
     cfg = _check_cfg(cfg)
     mapping = QConfigMapping().set_object_type(nn.Linear, get_igq_qconfig(cfg))
     if cfg.quantize_attention:
@@ -294,8 +315,10 @@ def prepare_igq_fx(model: nn.Module, cfg: Optional[igq.IGQConfig] = None, exampl
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of the model's inputs, got {type(example_inputs).__name__}")
     prepare = quantize_fx.prepare_qat_fx if qat else quantize_fx.prepare_fx
+    model = copy.deepcopy(model)  # prepare_fx shares the parameters: QAT would train the user's model
     try:
-        prepared = prepare(model, get_igq_qconfig_mapping(cfg), example_inputs, prepare_custom_config=prepare_custom_config,
+        prepared = prepare(model, get_igq_qconfig_mapping(cfg), example_inputs,
+                           prepare_custom_config=prepare_custom_config,
                            backend_config=backend_config or get_igq_backend_config())
     except Exception as err:
         clear = _untraceable(model, err) if prepare_custom_config is None else None
@@ -320,15 +343,13 @@ def _mapping_config(prepared: torch.fx.GraphModule) -> Optional[igq.IGQConfig]:
 
 
 def _fed_layers(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[list[str]]:
-    """Names of the Linear / Conv2d modules whose input is ``node``, or None if it feeds anything else."""
+    """Names of the Linear / Conv2d modules whose input is ``node`` (torch.ao may share that observer
+    with other users, e.g. a residual add, which keep the float tensor), or None."""
     names = []
     for user in node.users:
-        if user.op != "call_module" or not user.args or user.args[0] is not node:
-            return None
-        module = gm.get_submodule(user.target)
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            return None
-        names.append(user.target)
+        if user.op == "call_module" and user.args and user.args[0] is node and \
+                isinstance(gm.get_submodule(user.target), (nn.Linear, nn.Conv2d)):
+            names.append(user.target)
     return names or None
 
 
@@ -371,6 +392,9 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
             continue
         if operand is not None:
             if not fq.observed:
+                if fq.seen:  # a matmul of tensors that are no [B, H, N, d] attention operands
+                    dropped.append(node)
+                    continue
                 raise RuntimeError(f"'{node.target}' ({operand[1]} operand of '{operand[0]}') saw no calibration "
                                    "batch: run calibration data through the prepared model first")
             kept.append((node, fq, ("operand",) + operand))
@@ -394,6 +418,13 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
                     "and the next layer's input): put a float op between them, or quantize this model with igq.quantize"
                 )
         kept.append((node, fq, ("layers", layers)))
+    _check_single_use(prepared, kept)
+    functional = sorted({_graph.scope(n) or n.name for n in prepared.graph.nodes
+                         if n.op == "call_function" and n.target is torch.nn.functional.linear})
+    if functional:
+        logger.warning("F.linear calls in %s stay in full precision: torch.fx traces into Linear subclasses and "
+                       "functional linears, which the FX flow does not quantize (the pt2e flow and igq.quantize do)",
+                       ", ".join(functional))
     if cfg.quantize_attention:
         unobserved = sorted({_graph.scope(m) or m.name for m in prepared.graph.nodes if _graph.is_matmul(m, prepared)
                              and _graph.attention_role(m, prepared, _is_observer) and m not in observed_matmuls})
@@ -401,6 +432,26 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
             logger.warning("the attention matmuls of %s were not observed, so their Q, K, V and softmax sites stay in "
                            "float: pass backend_config=get_igq_backend_config() to prepare_fx", ", ".join(unobserved))
     return kept, dropped
+
+
+def _check_single_use(prepared: torch.fx.GraphModule, kept: list) -> None:
+    """A module that runs more than once in the graph (shared weights, recurrent blocks) would get one
+    site per call under one name; igq.quantize gives it one quantizer for all its calls."""
+    calls: dict[str, int] = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    names = [(name, "layer") for _, _, role in kept if role[0] == "layers" for name in role[1]]
+    names += [(role[1], role[2]) for _, _, role in kept if role[0] == "operand"]
+    seen: dict[tuple, int] = {}
+    for key in names:
+        seen[key] = seen.get(key, 0) + 1
+    repeated = sorted({name for (name, kind), count in seen.items() if count > 1 or calls.get(name, 1) > 1})
+    if repeated:
+        names = ", ".join(repr(r) for r in repeated[:3])
+        raise ValueError(f"{names} run(s) more than once in the traced graph (shared or recurrent modules): the graph "
+                         "flows would give each call its own site under one name. Quantize this model with "
+                         "igq.quantize, which gives such a module one quantizer for all its calls")
 
 
 def _bind(kept: list) -> None:
@@ -411,10 +462,11 @@ def _bind(kept: list) -> None:
 
 
 def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *, learn: bool = True) -> None:
-    """QAT: after calibration batches through a ``prepare_qat_fx`` (or ``prepare_qat_pt2e``) model, fit every site's group ranges
-    (the core's fit) and, with ``learn``, make them trainable parameters. From then on the prepared
-    model fake-quantizes; train it, then :func:`convert_igq_fx`. Fake-quant modules that are no
-    IGQ site (layer outputs) stop doing anything."""
+    """QAT: after calibration batches through a ``prepare_qat_fx`` (or ``prepare_qat_pt2e``) model, fit
+    every site's group ranges (the core's fit) and, with ``learn``, make them trainable parameters.
+    From then on the prepared model fake-quantizes; train it, then :func:`convert_igq_fx`. Fake-quant
+    modules that are no IGQ site (layer outputs) stop doing anything; layers the config leaves float
+    get their float module back."""
     if not any(isinstance(m, IGQFakeQuantize) for m in prepared.modules()):
         from . import pt2e  # a prepare_qat_pt2e model (torchao needed)
 
@@ -432,6 +484,33 @@ def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = No
         fq.quantizer.learn_ranges(learn)
         for name in role[1] if role[0] == "layers" else ():
             _weight_fake_quant(prepared, cfg, name)
+    _rewire_shared(prepared, kept)
+    _float_unfed_layers(prepared, kept)
+
+
+def _rewire_shared(prepared: torch.fx.GraphModule, kept: list) -> None:
+    """An observer torch.ao shares between a Linear input and other users (a residual add): those users
+    get the float tensor, as in igq.quantize, where the quantizer sits inside the Linear."""
+    changed = False
+    for node, _, role in kept:
+        if role[0] == "layers":
+            for user in list(node.users):
+                if not (user.op == "call_module" and user.target in role[1] and user.args[0] is node):
+                    user.replace_input_with(node, node.args[0])
+                    changed = True
+    if changed:
+        prepared.recompile()
+
+
+def _float_unfed_layers(prepared: torch.fx.GraphModule, kept: list) -> None:
+    """torch.ao's QAT swap gave every Linear a weight fake-quant; those the config leaves float (skip, or
+    not fed an IGQ site) get their float module back."""
+    fed = {name for _, _, role in kept if role[0] == "layers" for name in role[1]}
+    for name, module in list(prepared.named_modules()):
+        if name not in fed and hasattr(module, "weight_fake_quant") and hasattr(module, "to_float"):
+            float_module = module.to_float()
+            igq.adopt_hooks(float_module, module)
+            _graph.set_module(prepared, name, float_module)
 
 
 def _weight_fake_quant(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig, name: str) -> None:
@@ -485,10 +564,13 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
         node.replace_all_uses_with(node.args[0])
         prepared.graph.erase_node(node)
         prepared.delete_submodule(node.target)
+    _rewire_shared(prepared, kept)
+    _float_unfed_layers(prepared, kept)
     head_dims = {role[1]: fq.shape[-1] for _, fq, role in kept if role[0] == "operand" and role[2] == "q"}
     for node, fq, role in kept:
         prepared.delete_submodule(node.target)
         prepared.add_submodule(node.target, fq.site_module)  # the graph calls the core quantizer (igq op) directly
+        fq.quantizer.learn_ranges(False)  # QAT-trained ranges become buffers again (state-dict keys unchanged)
         if role[0] == "operand":
             _, attention, tag = role
             igq.register_attention_sites(prepared, attention, {tag: fq.quantizer}, head_dims.get(attention, 0))

@@ -148,7 +148,8 @@ class IGQObserver(FakeQuantizeBase):
         if self.kind == "input":
             (user,) = observer_node.users  # one observer per annotated edge (see IGQQuantizer)
             layer = _float_layer(model, user)
-            new = igq.quantized_layer(layer, cfg, igq.layer_settings(cfg, self.site, layer), input_quantizer=self.quantizer)
+            settings = igq.layer_settings(cfg, self.site, layer)
+            new = igq.quantized_layer(layer, cfg, settings, input_quantizer=self.quantizer)
             _place(model, self.site, new)
             with graph.inserting_before(user):
                 call = graph.call_module(self.site, (source,))
@@ -169,6 +170,7 @@ class IGQObserver(FakeQuantizeBase):
             observer_node.replace_all_uses_with(call)
             graph.erase_node(observer_node)
             igq.register_attention_sites(model, self.site, {self.tag: self.quantizer}, self.head_dim)
+        self.quantizer.learn_ranges(False)  # QAT-trained ranges become buffers again (state-dict keys unchanged)
         igq.convert_site(igq.get_site(model, self._site_name()))
         graph.lint()
         model.recompile()
@@ -256,24 +258,34 @@ class IGQQuantizer(Quantizer):
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         cfg = self.config
         edges: dict[torch.fx.Node, dict] = {}
+        names: set[str] = set()
         for node in model.graph.nodes:
             if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
                 continue
             name = _layer_name(node)
+            if matches(name, cfg.skip):
+                continue
             layer = _float_layer(model, node)
             settings = igq.layer_settings(cfg, name, layer)
             if settings is None:
                 continue
+            if name in names:
+                raise _reused(name)
+            names.add(name)
             kwargs = igq.act_quantizer_kwargs(cfg, settings.a_bits, settings.scheme, settings.groups,
                                               block_site=settings.block_site)
             edges.setdefault(node, {})[node.args[0]] = self._spec(kind="input", site=name, quantizer_kwargs=kwargs)
             if cfg.calibration_weights == "quantized" or self.is_qat:  # weights fake-quantized while observing
-                edges[node][node.args[1]] = QuantizationSpec(
-                    dtype=torch.int8,
-                    observer_or_fake_quant_ctr=IGQWeightObserver.with_args(**igq.weight_quant_kwargs(cfg, settings.w_bits)))
+                weight = IGQWeightObserver.with_args(**igq.weight_quant_kwargs(cfg, settings.w_bits))
+                edges[node][node.args[1]] = QuantizationSpec(dtype=torch.int8, observer_or_fake_quant_ctr=weight)
         if cfg.quantize_attention:
             operands = _graph.operand_sites(model, _is_observer)
-            head_dims = {scope: _head_dim(matmul.args[0]) for (matmul, _), (scope, tag) in operands.items() if tag == "q"}
+            head_dims = {scope: _head_dim(matmul.args[0])
+                         for (matmul, _), (scope, tag) in operands.items() if tag == "q"}
+            tags = [(scope, tag) for scope, tag in operands.values()]
+            for key in set(tags):
+                if tags.count(key) > 1:
+                    raise _reused(key[0])
             for (matmul, index), (scope, tag) in operands.items():
                 if matches(scope, cfg.skip):
                     continue
@@ -296,11 +308,19 @@ class IGQQuantizer(Quantizer):
                 producer = arg.meta.get("quantization_annotation")
                 if producer is not None and producer.output_qspec is not None and not _is_igq_spec(producer.output_qspec):
                     raise _mixed(node, f"the output of {arg.name}")
-            node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True)
+            # no implicit sharing: every edge its own observer, as every layer has its own input quantizer in igq.quantize
+            node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True,
+                                                                          allow_implicit_sharing=False)
         return model
 
     def validate(self, model: torch.fx.GraphModule) -> None:
         _check_not_mixed(model)
+
+
+def _reused(name: str) -> ValueError:
+    return ValueError(f"'{name}' runs more than once in the exported graph (a shared or recurrent module): the graph "
+                      "flows would give each call its own site under one name. Quantize this model with igq.quantize, "
+                      "which gives such a module one quantizer for all its calls")
 
 
 def _mixed(node: torch.fx.Node, other: str) -> ValueError:

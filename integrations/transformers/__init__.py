@@ -42,7 +42,6 @@ import igq_plugin as igq
 from igq_plugin.attention import quantized_attention
 
 try:
-    import transformers
     from transformers import AttentionInterface
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -353,8 +352,9 @@ class IGQHfQuantizer(HfQuantizer):
     def _core_config(self, model: nn.Module) -> igq.IGQConfig:
         hf = self.quantization_config
         keep = hf.modules_to_not_convert
-        if keep is None:  # transformers' default: the output head / last layer (names of parameters: their modules)
-            keep = sorted({n.removesuffix(".weight").removesuffix(".bias") for n in get_keys_to_not_convert(model) if n})
+        if keep is None:  # transformers' default: the output head / last layer (parameter names: their modules)
+            keep = sorted({n.removesuffix(".weight").removesuffix(".bias")
+                           for n in get_keys_to_not_convert(model) if n})
         patterns = tuple(p for name in keep for p in (name, f"{name}.*"))
         return dataclasses.replace(hf.core, skip=tuple(hf.core.skip) + patterns)
 
