@@ -201,3 +201,74 @@ def test_readme_example_runs():
     with torch.no_grad():
         assert torch.equal(scope["again"](pixel_values=x).logits, scope["model"](pixel_values=x).logits)
     assert len(igq.sites(scope["again"])) == 1 + 4 * 6 + 4 * 4
+
+
+def test_the_padding_mask_reaches_igq_eager_attention(checkpoints):
+    """With the quantizers off, "igq_eager" is transformers' eager attention, padding mask included."""
+    ids = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[:, 9:] = 0
+    model = _load(checkpoints["bert"], T.AutoModel, calibration_dataset=[{"input_ids": ids, "attention_mask": mask}])
+    eager = T.AutoModel.from_pretrained(checkpoints["bert"], attn_implementation="eager").eval()
+    with torch.no_grad(), igq.modules.fake_quant_disabled(model):
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        unmasked = model(input_ids=ids).last_hidden_state
+        ref = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out[:, :9], ref[:, :9], rtol=1e-5, atol=1e-5)
+    assert (out[:, :9] - unmasked[:, :9]).abs().max() > 1e-3  # the mask matters, and it arrived
+
+
+@pytest.mark.parametrize("preset", ["gptq", "allocation"])
+def test_checkpoints_whose_tensor_shapes_the_calibration_sets_round_trip(checkpoints, tmp_path, preset):
+    """GPTQ weight codes and allocated group counts change tensor shapes; the reload takes them from the file."""
+    extra = {"weight_rounding": "gptq"} if preset == "gptq" else {
+        "group_allocation": "bop", "allocation_candidates": (1, 4, 12), "sensitivity_metric": "mse"}
+    model = _load(checkpoints["vit"], calibration_dataset=[_images(32)], **extra)
+    shapes = {tuple(s.quantizer.hi.shape) for s in igq.sites(model, "linear_input")}
+    x = _images(32, 3, seed=2)
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path)
+    again = T.AutoModelForImageClassification.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(pixel_values=x).logits, logits)
+    if preset == "gptq":
+        assert all(s.weight_quantizer.weight_int.numel() for s in igq.sites(again, "linear_input"))
+    else:
+        assert len(shapes) > 1  # the allocation gave the sites different group counts
+
+
+def test_loading_with_another_class_is_an_error_not_garbage(checkpoints, tmp_path):
+    ids = torch.randint(0, 100, (2, 8))
+    _load(checkpoints["bert"], T.AutoModel, calibration_dataset=[{"input_ids": ids}]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no quantizer state for .*pooler.dense"):
+        T.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_config_changes_after_construction_reach_the_core(checkpoints):
+    cfg = igq_hf.IGQConfig(**BITS)
+    cfg.weight_bits = 8
+    assert cfg.core.weight_bits == 8 and cfg.to_dict()["weight_bits"] == 8
+    cfg.update(act_bits=6)
+    assert cfg.core.act_bits == 6
+    with pytest.raises(ValueError, match="weight_bits"):
+        cfg.weight_bits = 1
+    plus = igq_hf.IGQConfig.igq_plus(4, num_groups=12, calibration_batch_size=4)
+    assert plus.core == igq.IGQConfig.igq_plus(4, num_groups=12) and plus.calibration_batch_size == 4
+
+
+def test_calibrating_again(checkpoints):
+    data, other = [_images(32)], [_images(32, seed=5)]
+    x = _images(32, 2, seed=6)
+    for extra in ({}, {"weight_rounding": "gptq"}):
+        model = _load(checkpoints["vit"], calibration_dataset=data, **extra)
+        fresh = _load(checkpoints["vit"], calibration_dataset=other, **extra)
+        igq_hf.calibrate(model, other, progress=False)  # the same as calibrating once on the new data
+        with torch.no_grad():
+            assert torch.equal(model(pixel_values=x).logits, fresh(pixel_values=x).logits)
+    model = _load(checkpoints["vit"], calibration_dataset=data, reparam="repq")
+    with pytest.raises(ValueError, match="reparameterized"):
+        igq_hf.calibrate(model, other, progress=False)
+    with torch.no_grad():
+        model(pixel_values=x)  # still calibrated and usable
+    assert model.config.quantization_config.calibration_dataset is None  # the data is not kept by the model

@@ -306,9 +306,10 @@ class IGQQuantizer(Quantizer):
                                  "quantizer (IGQConfig(skip=...) leaves it to the other)")
             for arg in input_map:
                 producer = arg.meta.get("quantization_annotation")
-                if producer is not None and producer.output_qspec is not None and not _is_igq_spec(producer.output_qspec):
+                other = producer.output_qspec if producer is not None else None
+                if other is not None and not _is_igq_spec(other):
                     raise _mixed(node, f"the output of {arg.name}")
-            # no implicit sharing: every edge its own observer, as every layer has its own input quantizer in igq.quantize
+            # no implicit sharing: an observer per edge, as each layer has its own input quantizer in igq.quantize
             node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=input_map, _annotated=True,
                                                                           allow_implicit_sharing=False)
         return model

@@ -29,9 +29,11 @@ before ``from_pretrained``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -43,6 +45,7 @@ from igq_plugin.attention import quantized_attention
 
 try:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
     from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -99,6 +102,45 @@ class IGQConfig(QuantizationConfigMixin):
         self.processor = processor
         self.calibration_batch_size = calibration_batch_size
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+
+    @classmethod
+    def from_core(cls, core: igq.IGQConfig, **options: Any) -> "IGQConfig":
+        """The transformers config of a core :class:`igq_plugin.IGQConfig` (plus loading options)."""
+        if not isinstance(core, igq.IGQConfig):
+            raise TypeError(f"core must be an igq_plugin.IGQConfig, got {type(core).__name__}")
+        fields = {f.name: getattr(core, f.name) for f in dataclasses.fields(core)}
+        with warnings.catch_warnings():  # the core config already said what it ignores
+            warnings.simplefilter("ignore", UserWarning)
+            return cls(**fields, **options)
+
+    @classmethod
+    def igq_plus(cls, bits: int = 4, **options: Any) -> "IGQConfig":
+        """:meth:`igq_plugin.IGQConfig.igq_plus` (core field changes and loading options in ``options``)."""
+        return cls._preset(igq.IGQConfig.igq_plus, bits, options)
+
+    @classmethod
+    def repq_vit(cls, bits: int = 4, **options: Any) -> "IGQConfig":
+        """:meth:`igq_plugin.IGQConfig.repq_vit`."""
+        return cls._preset(igq.IGQConfig.repq_vit, bits, options)
+
+    @classmethod
+    def dopq_vit(cls, bits: int = 4, **options: Any) -> "IGQConfig":
+        """:meth:`igq_plugin.IGQConfig.dopq_vit`."""
+        return cls._preset(igq.IGQConfig.dopq_vit, bits, options)
+
+    @classmethod
+    def _preset(cls, preset, bits: int, options: dict) -> "IGQConfig":
+        loading = {k: options.pop(k) for k in list(options) if k in HF_FIELDS}
+        return cls.from_core(preset(bits, **options), **loading)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        core = self.__dict__.get("core")
+        if core is not None and name in CORE_FIELDS:  # cfg.weight_bits = 8, transformers' update(): validated
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.__dict__["core"] = core.replace(**{name: value})
+            return
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:  # the core fields read as attributes: cfg.weight_bits
         core = self.__dict__.get("core")
@@ -206,6 +248,9 @@ def igq_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
 
 AttentionInterface.register(ATTENTION_NAME, igq_eager_attention)
+# transformers builds attention masks only for implementations its mask interface knows (else it passes
+# None, dropping padding and causal masks): igq_eager takes the additive masks eager attention takes
+AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
 
 
 # --- calibration -----------------------------------------------------------------------------------
@@ -240,11 +285,18 @@ def _as_batches(model: nn.Module, data: Any, processor: Any, batch_size: int) ->
         raise ValueError("calibration data is empty: give at least one image, tensor, dict or text")
 
 
+_BATCH_DIMS = {"pixel_values": 4, "input_ids": 2}  # dims of a batch of the main inputs (one instance: one less)
+
+
 def _kind(item: Any) -> str:
     if isinstance(item, torch.Tensor):
         return "tensor batch" if item.dim() == 4 else "tensor"
     if isinstance(item, dict):
-        return "inputs" if any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in item.values()) else "row"
+        for key, dims in _BATCH_DIMS.items():
+            value = item.get(key)
+            if isinstance(value, torch.Tensor):
+                return "inputs" if value.dim() == dims else "row"
+        return "row"
     if isinstance(item, str):
         return "text"
     return "image"
@@ -264,12 +316,21 @@ def _collate(model: nn.Module, items: list, processor: Any) -> Any:
     first = items[0]
     if isinstance(first, torch.Tensor):
         return {_main_input(model): torch.stack(items)}
-    if isinstance(first, dict):  # dataset rows: {"image": ..., "label": ...} or {"text": ...}
-        for key in ("image", "img", "pixel_values", "text", "sentence"):
+    if isinstance(first, dict):  # dataset rows: {"image": ..., "label": ...}, {"text": ...}, or model inputs
+        if "input_ids" in first:  # tokenized rows: pad them into a batch
+            if processor is None or not hasattr(processor, "pad"):
+                raise ValueError("tokenized calibration rows need the tokenizer to pad them: IGQConfig(processor=...)")
+            keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in first]
+            out = processor.pad([{k: row[k] for k in keep} for row in items], return_tensors="pt")
+            return {k: v for k, v in dict(out).items() if isinstance(v, torch.Tensor)}
+        for key in ("pixel_values", "image", "img", "text", "sentence"):
             if key in first:
-                return _collate(model, [row[key] for row in items], processor)
-        raise ValueError(f"calibration rows have keys {sorted(first)}: none of image / img / pixel_values / text / "
-                         "sentence; give model inputs instead")
+                values = [row[key] for row in items]
+                if key == "pixel_values" and not isinstance(values[0], torch.Tensor):
+                    values = [torch.as_tensor(v) for v in values]
+                return _collate(model, values, processor)
+        raise ValueError(f"calibration rows have keys {sorted(first)}: none of pixel_values / image / img / text / "
+                         "sentence / input_ids; give model inputs instead")
     if processor is None:
         raise ValueError(f"calibration data holds {_kind(first)}s: pass the model's image processor or tokenizer as "
                          "IGQConfig(processor=...) (or calibrate(..., processor=...))")
@@ -303,14 +364,22 @@ def calibrate(model: nn.Module, data: Any, *, processor: Any = None, batch_size:
                              "float. Import the plugin, then from_pretrained again")
         raise ValueError("this model has no IGQ quantizers: load it with from_pretrained(..., "
                          "quantization_config=IGQConfig(...)) first")
+    from igq_plugin.reparam import REPARAM_ATTR
+
+    if getattr(model, REPARAM_ATTR, None):
+        raise ValueError("this model is calibrated and reparameterized (IGQConfig.reparam), which changed its weights: "
+                         "to calibrate again, load the float checkpoint again with the IGQConfig")
+    batches = list(_as_batches(model, data, processor, batch_size))  # checked before any state changes
     for site in igq.sites(model):
         site.quantizer.mark_calibrated(False)
         site.quantizer.start_observer()
+        if site.weight_quantizer is not None:
+            site.weight_quantizer.calibrate_weight()  # fresh weight quantizers (drops GPTQ codes of a former run)
     was_training = model.training
     model.eval()
     model.__dict__[_CALIBRATED_ATTR] = True  # the guard lets the calibration batches through
     try:  # the core's flow after prepare: calibrate, reparameterize, allocate, convert, GPTQ-round
-        igq.calibrate_and_convert(model, list(_as_batches(model, data, processor, batch_size)), progress=progress)
+        igq.calibrate_and_convert(model, batches, progress=progress)
     except BaseException:
         model.__dict__[_CALIBRATED_ATTR] = False
         for site in igq.sites(model):
@@ -331,7 +400,8 @@ class IGQHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: IGQConfig, **kwargs: Any) -> None:
         if isinstance(quantization_config, dict):
             quantization_config = IGQConfig.from_dict(quantization_config)
-        super().__init__(quantization_config, **kwargs)
+        # a copy: the resolved modules_to_not_convert is recorded on it, and the calibration data dropped
+        super().__init__(copy.copy(quantization_config), **kwargs)
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True
@@ -351,12 +421,13 @@ class IGQHfQuantizer(HfQuantizer):
 
     def _core_config(self, model: nn.Module) -> igq.IGQConfig:
         hf = self.quantization_config
-        keep = hf.modules_to_not_convert
-        if keep is None:  # transformers' default: the output head / last layer (parameter names: their modules)
-            keep = sorted({n.removesuffix(".weight").removesuffix(".bias")
-                           for n in get_keys_to_not_convert(model) if n})
-        patterns = tuple(p for name in keep for p in (name, f"{name}.*"))
-        return dataclasses.replace(hf.core, skip=tuple(hf.core.skip) + patterns)
+        if hf.modules_to_not_convert is None:  # transformers' default: the output head / last layer; recorded
+            hf.modules_to_not_convert = sorted({n.removesuffix(".weight").removesuffix(".bias")  # in config.json
+                                                for n in get_keys_to_not_convert(model) if n})
+        patterns = tuple(p for name in hf.modules_to_not_convert for p in (name, f"{name}.*"))
+        with warnings.catch_warnings():  # the config already said what it ignores
+            warnings.simplefilter("ignore", UserWarning)
+            return dataclasses.replace(hf.core, skip=tuple(hf.core.skip) + patterns)
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         cfg = self._core_config(model)
@@ -367,7 +438,9 @@ class IGQHfQuantizer(HfQuantizer):
                                "and softmax stay in full precision", type(model).__name__)
         model.__dict__[_CALIBRATED_ATTR] = False
         model.register_forward_pre_hook(_require_calibrated)
-        if not self.pre_quantized:  # a float checkpoint has no quantizer state: not "missing" weights to report
+        if self.pre_quantized:
+            _match_checkpoint(model, kwargs.get("checkpoint_files") or [], self)
+        else:  # a float checkpoint has no quantizer state: not "missing" weights to report
             model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(_STATE_KEYS)
         return model
 
@@ -387,7 +460,72 @@ class IGQHfQuantizer(HfQuantizer):
         hf = self.quantization_config
         if hf.calibration_dataset is not None:
             calibrate(model, hf.calibration_dataset, processor=hf.processor, batch_size=hf.calibration_batch_size)
+        hf.calibration_dataset = hf.processor = None  # not part of the model (nor kept alive by it)
         return model
+
+
+def _quantizer_state_keys(model: nn.Module) -> list[str]:
+    import re
+
+    pattern = re.compile("|".join(f"(?:{k})" for k in _STATE_KEYS))
+    return [name for name, _ in model.state_dict(keep_vars=True).items() if pattern.search(name)]
+
+
+def _key_mapper(model: nn.Module, quantizer: HfQuantizer):
+    """checkpoint key -> the model's name of it: transformers 5 renames legacy checkpoint keys
+    (``encoder.layer.0.attention.attention.query`` -> ``layers.0.attention.q_proj``) while loading."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, None, quantizer)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta = dict(model.state_dict(keep_vars=True))
+    prefix = getattr(model, "base_model_prefix", None)
+    return lambda key: rename_source_key(key, renamings, converters, prefix, meta)[0]
+
+
+def _match_checkpoint(model: nn.Module, files: list, quantizer: HfQuantizer) -> None:
+    """Before a pre-quantized checkpoint loads: every quantizer tensor must be in it (transformers would fill a
+    missing one with uninitialized memory), and tensors whose shape the checkpoint sets (group counts after
+    allocation, GPTQ weight codes) are resized to it (transformers assigns tensors without resizing)."""
+    shapes: dict[str, tuple] = {}
+    for path in files:
+        path = str(path)
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    if not shapes:
+        return
+    to_model = _key_mapper(model, quantizer)
+    shapes = {to_model(key): shape for key, shape in shapes.items()}
+    missing = []
+    for name in _quantizer_state_keys(model):
+        found = shapes.get(name)
+        if found is None:
+            missing.append(name)
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = getattr(owner, attr)
+        if tuple(current.shape) != found:
+            new = torch.empty(found, dtype=current.dtype, device=current.device)
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(new, requires_grad=current.requires_grad)
+            else:
+                owner._buffers[attr] = new
+    if missing:
+        raise ValueError(
+            f"this igq checkpoint has no quantizer state for {len(missing)} tensor(s) of {type(model).__name__} "
+            f"(e.g. {', '.join(missing[:3])}): it was saved from a model with other quantized layers (another model "
+            "class, or other modules_to_not_convert). Load it with the class it was saved from, or quantize the float "
+            "model again")
 
 
 def _register() -> None:
