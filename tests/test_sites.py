@@ -215,6 +215,8 @@ def test_sites_of_a_wrapped_quantized_model_and_report():
     assert igq.get_site(wrapper, "0.fc1.input_quantizer").quantizer is qmodel.fc1.input_quantizer
     report = igq.report(wrapper, torch.randn(2, 12, 16))
     assert [(s.site, s.kind) for s in report.sites] == [("0.fc1", "linear"), ("0.fc2", "linear"), ("1", "float")]
+    recorded = igq.report(wrapper)  # the shapes calibration recorded on the inner model, prefixed
+    assert [(s.site, s.kind) for s in recorded.sites] == [("0.fc1", "linear"), ("0.fc2", "linear")]
 
 
 def test_calibration_flags_follow_the_buffers_and_sensitivity_probing_restores_them():

@@ -202,7 +202,11 @@ def _bits(quantizer) -> int:
 
 def site_costs(model: nn.Module, shapes: Optional[dict] = None) -> CostReport:
     """Cost records of every site of a prepared / quantized model (igq.sites), from recorded ``shapes``."""
-    shapes = getattr(model, SHAPES_ATTR, None) if shapes is None else shapes
+    if shapes is None:  # recorded by calibration on the model, or on quantized models inside it (prefixed)
+        shapes = {}
+        for prefix, module in model.named_modules():
+            recorded = module.__dict__.get(SHAPES_ATTR) or {}
+            shapes.update({f"{prefix}.{k}" if prefix else k: v for k, v in recorded.items()})
     if not shapes:
         raise ValueError(
             "no site shapes recorded on this model: pass example_input (one batch) so one forward pass can "
