@@ -499,3 +499,13 @@ def test_fx_qat_keeps_skipped_layers_float_and_the_users_model_untouched():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     site = igq.sites(qmodel)[0]
     assert "lo" in site.quantizer._buffers and "hi" in site.quantizer._buffers  # ranges are buffers again
+
+
+def test_pt2e_without_torchao_names_the_extra(monkeypatch):
+    import sys
+
+    import igq_plugin.integrations.torch_ao as torch_ao
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if torchao were not installed
+    with pytest.raises(ImportError, match=r'pip install "igq_plugin\[torchao\]"'):
+        torch_ao.IGQQuantizer

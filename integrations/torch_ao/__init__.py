@@ -45,6 +45,9 @@ __all__ = ["IGQFakeQuantize", "IGQWeightFakeQuantize", "get_igq_qconfig", "get_i
 
 def __getattr__(name: str):
     if name in ("IGQQuantizer", "IGQObserver"):  # torchao is imported only when the pt2e flow is used
+        from .. import require
+
+        require("torchao", "torchao")  # a clear ImportError naming the extra when torchao is missing
         from . import pt2e
 
         return getattr(pt2e, name)

@@ -43,15 +43,14 @@ from torch import nn
 import igq_plugin as igq
 from igq_plugin.attention import quantized_attention
 
-try:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.utils.quantization_config import QuantizationConfigMixin
-except ImportError as err:  # pragma: no cover - transformers is in the dev environment
-    raise ImportError('igq_plugin.integrations.transformers needs transformers: pip install '
-                      '"igq_plugin[transformers]"') from err
+from .. import require
+
+require("transformers", "transformers")  # a clear ImportError naming the extra when transformers is missing
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer  # noqa: E402
+from transformers.quantizers.base import get_keys_to_not_convert  # noqa: E402
+from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
 logger = logging.getLogger("igq_plugin")
 
