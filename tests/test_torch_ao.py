@@ -218,16 +218,20 @@ def _train(model, data, labels, steps):
     return losses
 
 
-@pytest.mark.parametrize("flow", ["fx", "pt2e"])
+@pytest.mark.parametrize("flow", ["fx", "fx_plain", "pt2e"])
 def test_qat_trains_weights_and_group_ranges_then_converts(flow):
     torch.manual_seed(0)
     model = _unfused(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10))
     data = [torch.randn(8, 3, 32, 32) for _ in range(3)]
     labels = [torch.randint(0, 10, (8,)) for _ in range(3)]
-    if flow == "fx":
+    if flow.startswith("fx"):
         ctx = _quiet()
         try:
-            prepared = prepare_igq_fx(model.train(), CFG, (data[0],), qat=True)
+            if flow == "fx":
+                prepared = prepare_igq_fx(model.train(), CFG, (data[0],), qat=True)
+            else:  # torch.ao's own call with the IGQ mapping: fit_ranges gives the layers the core's weight quant
+                prepared = quantize_fx.prepare_qat_fx(model.train(), get_igq_qconfig_mapping(CFG), (data[0],),
+                                                      backend_config=get_igq_backend_config())
         finally:
             ctx.__exit__(None, None, None)
     else:
@@ -241,7 +245,7 @@ def test_qat_trains_weights_and_group_ranges_then_converts(flow):
     moved = [n for n, p in prepared.named_parameters() if n in ranges and not torch.equal(p, ranges[n])]
     assert len(moved) >= len(ranges) // 2  # gradients reached the group ranges
     with torch.no_grad():
-        if flow == "fx":
+        if flow.startswith("fx"):
             trained = prepared.eval()(data[0])
             qmodel = convert_igq_fx(prepared, progress=False)
         else:
@@ -373,7 +377,7 @@ def _readme_example(marker):
     return match.group(1)
 
 
-@pytest.mark.parametrize("marker", ["torch_ao_fx", "torch_ao_pt2e"])
+@pytest.mark.parametrize("marker", ["torch_ao_fx", "torch_ao_pt2e", "torch_ao_qat"])
 def test_readme_examples_run(marker):
     """README's torch.ao examples, executed as written; only torch.ao's deprecation notice may warn."""
     scope: dict = {}
@@ -382,7 +386,8 @@ def test_readme_examples_run(marker):
         exec(compile(_readme_example(marker), "README.md", "exec"), scope)
     finally:
         ctx.__exit__(None, None, None)
-    assert len(igq.sites(scope["qmodel"])) == 1 + 12 * 8 + 1
+    blocks = 2 if marker == "torch_ao_qat" else 12
+    assert len(igq.sites(scope["qmodel"])) == 1 + blocks * 8 + 1
 
 
 class _TwoHeads(nn.Module):
