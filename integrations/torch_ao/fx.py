@@ -459,6 +459,11 @@ def _bind(kept: list) -> None:
         if role[0] == "operand":
             _, attention, tag = role
             fq.bind(tag, f"{attention}.{tag}_quantizer")
+        q = fq.quantizer  # the group-count note the quiet creation held back, for the sites that are kept
+        wanted = getattr(fq, "quantizer_kwargs", {}).get("num_groups") if role[0] == "layers" else None
+        if getattr(q, "scheme", None) == "igq" and wanted and q.channels is not None and q.channels < wanted:
+            logger.warning("site '%s' has %d channels < num_groups=%d: using %d groups (one per channel)",
+                           ", ".join(role[1]), q.channels, wanted, q.channels)
 
 
 def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *, learn: bool = True) -> None:
