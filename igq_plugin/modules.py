@@ -184,10 +184,7 @@ class ActQuantizer(_Quantizer):
         else:
             size = num_groups
             if channels is not None and num_groups > channels:
-                logger.warning(
-                    "site '%s' has %d channels < num_groups=%d: using %d groups (one per channel)",
-                    site, channels, num_groups, channels,
-                )
+                note_group_clamp(site, channels, num_groups)
                 size = channels
         self.register_buffer("lo", torch.zeros(size))
         self.register_buffer("hi", torch.zeros(size))
@@ -274,6 +271,12 @@ class ActQuantizer(_Quantizer):
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, bits={self.bits}, scheme={self.scheme}, groups={self.num_groups}"
+
+
+def note_group_clamp(site: str, channels: int, num_groups: int) -> None:
+    """Log that an IGQ site with fewer channels than ``num_groups`` uses one group per channel."""
+    logger.warning("site '%s' has %d channels < num_groups=%d: using %d groups (one per channel)",
+                   site, channels, num_groups, channels)
 
 
 def set_input_error_weights(model: nn.Module) -> None:

@@ -139,9 +139,14 @@ def operand_sites(gm: torch.fx.GraphModule,
 
 
 def set_module(gm: torch.fx.GraphModule, name: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted path ``name`` of ``gm`` (replacing what is there)."""
+    """Put ``module`` at dotted path ``name`` of ``gm`` (replacing what is there), creating empty
+    parents an exported module does not have (a scope with no parameters of its own)."""
     parent, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
+    owner = gm
+    for part in parent.split(".") if parent else ():
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
     if isinstance(owner, torch.fx.GraphModule) and owner is not gm:
         raise ValueError(f"cannot place a module inside the nested GraphModule '{parent}'")
     setattr(owner, attr, module)

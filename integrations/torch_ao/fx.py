@@ -38,6 +38,8 @@ from torch.ao.quantization.observer import ObserverBase, PlaceholderObserver
 import igq_plugin as igq
 from igq_plugin import ops
 from igq_plugin.attention import OperandQuantizer
+from igq_plugin.config import CONFIG_ATTR
+from igq_plugin.modules import note_group_clamp
 from igq_plugin.quantize import matches
 
 from . import _graph
@@ -284,8 +286,9 @@ class _ScopeTracer(torch.fx.Tracer):
             self.stack.pop()
 
 
-def _untraceable(model: nn.Module, err: Exception) -> Optional[RuntimeError]:
-    """A clear error for a model torch.fx cannot trace (None when ``err`` is not a tracing failure)."""
+def _untraceable(model: nn.Module) -> Optional[RuntimeError]:
+    """A clear error naming the module torch.fx cannot trace (None when the model traces: the failure
+    was not tracing)."""
     tracer = _ScopeTracer()
     try:
         tracer.trace(model)
@@ -308,7 +311,8 @@ def prepare_igq_fx(model: nn.Module, cfg: Optional[igq.IGQConfig] = None, exampl
     :func:`get_igq_backend_config`, plus what plain prepare_fx cannot do: weights fake-quantized while
     calibrating when ``cfg.calibration_weights == "quantized"`` (the default, as igq.quantize does; a
     plain prepare_fx model calibrates with float weights), and a clear error naming the module torch.fx
-    cannot trace. The model is not modified (prepare_fx works on a copy)."""
+    cannot trace. It works on a copy: the user's model and its parameters are not modified, also not by
+    QAT training (a plain prepare_fx shares the parameters with it)."""
     from torch.ao.quantization import quantize_fx
 
     cfg = _check_cfg(cfg)
@@ -321,7 +325,7 @@ def prepare_igq_fx(model: nn.Module, cfg: Optional[igq.IGQConfig] = None, exampl
                            prepare_custom_config=prepare_custom_config,
                            backend_config=backend_config or get_igq_backend_config())
     except Exception as err:
-        clear = _untraceable(model, err) if prepare_custom_config is None else None
+        clear = _untraceable(model) if prepare_custom_config is None else None
         if clear is not None:
             raise clear from err
         raise
@@ -329,9 +333,8 @@ def prepare_igq_fx(model: nn.Module, cfg: Optional[igq.IGQConfig] = None, exampl
         for node in prepared.graph.nodes:
             module = prepared.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(module, IGQFakeQuantize) and module.role == "input":
-                for name in _fed_layers(prepared, node) or ():
-                    if igq.layer_settings(cfg, name, prepared.get_submodule(name)) is not None:
-                        _weight_fake_quant(prepared, cfg, name)
+                for name in _quantized_layers(prepared, node, cfg) or ():
+                    _weight_fake_quant(prepared, cfg, name)
         prepared.recompile()
     return prepared
 
@@ -342,14 +345,14 @@ def _mapping_config(prepared: torch.fx.GraphModule) -> Optional[igq.IGQConfig]:
     return cfg if isinstance(cfg, igq.IGQConfig) else None
 
 
-def _fed_layers(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Optional[list[str]]:
-    """Names of the Linear / Conv2d modules whose input is ``node`` (torch.ao may share that observer
-    with other users, e.g. a residual add, which keep the float tensor), or None."""
-    names = []
-    for user in node.users:
-        if user.op == "call_module" and user.args and user.args[0] is node and \
-                isinstance(gm.get_submodule(user.target), (nn.Linear, nn.Conv2d)):
-            names.append(user.target)
+def _quantized_layers(gm: torch.fx.GraphModule, node: torch.fx.Node, cfg: igq.IGQConfig) -> Optional[list[str]]:
+    """Names of the Linear / Conv2d modules whose input is ``node`` and that the config quantizes
+    (igq.layer_settings), or None. torch.ao may share that observer with other users, e.g. a residual
+    add, which keep the float tensor."""
+    names = [user.target for user in node.users
+             if user.op == "call_module" and user.args and user.args[0] is node
+             and isinstance(gm.get_submodule(user.target), (nn.Linear, nn.Conv2d))
+             and igq.layer_settings(cfg, user.target, gm.get_submodule(user.target)) is not None]
     return names or None
 
 
@@ -399,9 +402,7 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
                                    "batch: run calibration data through the prepared model first")
             kept.append((node, fq, ("operand",) + operand))
             continue
-        layers = _fed_layers(prepared, node) if fq.role == "input" else None
-        if layers is not None:  # layers the config leaves float are not fed a quantizer
-            layers = [name for name in layers if igq.layer_settings(cfg, name, prepared.get_submodule(name))] or None
+        layers = _quantized_layers(prepared, node, cfg) if fq.role == "input" else None
         if layers is None:  # torch.ao also observes outputs (and other matmuls): IGQ keeps those in float
             dropped.append(node)
             continue
@@ -441,10 +442,10 @@ def _check_single_use(prepared: torch.fx.GraphModule, kept: list) -> None:
     for node in prepared.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    names = [(name, "layer") for _, _, role in kept if role[0] == "layers" for name in role[1]]
-    names += [(role[1], role[2]) for _, _, role in kept if role[0] == "operand"]
+    keys = [(name, "layer") for _, _, role in kept if role[0] == "layers" for name in role[1]]
+    keys += [(role[1], role[2]) for _, _, role in kept if role[0] == "operand"]
     seen: dict[tuple, int] = {}
-    for key in names:
+    for key in keys:
         seen[key] = seen.get(key, 0) + 1
     repeated = sorted({name for (name, kind), count in seen.items() if count > 1 or calls.get(name, 1) > 1})
     if repeated:
@@ -460,10 +461,9 @@ def _bind(kept: list) -> None:
             _, attention, tag = role
             fq.bind(tag, f"{attention}.{tag}_quantizer")
         q = fq.quantizer  # the group-count note the quiet creation held back, for the sites that are kept
-        wanted = getattr(fq, "quantizer_kwargs", {}).get("num_groups") if role[0] == "layers" else None
+        wanted = fq.quantizer_kwargs.get("num_groups") if role[0] == "layers" else None
         if getattr(q, "scheme", None) == "igq" and wanted and q.channels is not None and q.channels < wanted:
-            logger.warning("site '%s' has %d channels < num_groups=%d: using %d groups (one per channel)",
-                           ", ".join(role[1]), q.channels, wanted, q.channels)
+            note_group_clamp(", ".join(role[1]), q.channels, wanted)
 
 
 def fit_ranges(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] = None, *, learn: bool = True) -> None:
@@ -590,7 +590,7 @@ def convert_igq_fx(prepared: torch.fx.GraphModule, cfg: Optional[igq.IGQConfig] 
             igq.register_site(prepared, f"{name}.input_quantizer", kind, fq.quantizer, name, weight_quantizer=new)
     prepared.graph.lint()
     prepared.recompile()
-    setattr(prepared, "igq_config", cfg)
+    setattr(prepared, CONFIG_ATTR, cfg)
     igq.convert(prepared, progress=progress)
     if cfg.weight_rounding == "gptq":
         data = calibration_data if isinstance(calibration_data, torch.Tensor) else list(calibration_data)

@@ -150,7 +150,7 @@ class IGQObserver(FakeQuantizeBase):
             layer = _float_layer(model, user)
             settings = igq.layer_settings(cfg, self.site, layer)
             new = igq.quantized_layer(layer, cfg, settings, input_quantizer=self.quantizer)
-            _place(model, self.site, new)
+            _graph.set_module(model, self.site, new)
             with graph.inserting_before(user):
                 call = graph.call_module(self.site, (source,))
             call.meta = dict(user.meta)
@@ -163,7 +163,7 @@ class IGQObserver(FakeQuantizeBase):
             igq.register_site(model, self._site_name(), kind, self.quantizer, self.site, weight_quantizer=new)
         else:
             path = self._site_name()
-            _place(model, path, self.site_module)
+            _graph.set_module(model, path, self.site_module)
             with graph.inserting_before(observer_node):
                 call = graph.call_module(path, (source,))
             call.meta = dict(observer_node.meta)
@@ -201,17 +201,6 @@ class IGQWeightObserver(WeightFakeQuantMixin, FakeQuantizeBase):
         model.graph.erase_node(observer_node)
         _erase_unused_attrs(model.graph, [source])
         model.recompile()
-
-
-def _place(model: torch.fx.GraphModule, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path``, creating empty parents the exported module does not have."""
-    owner = model
-    parts = path.split(".")
-    for part in parts[:-1]:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    setattr(owner, parts[-1], module)
 
 
 def _head_dim(q: torch.fx.Node) -> int:
