@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -42,6 +43,7 @@ from torch import nn
 
 import igq_plugin as igq
 from igq_plugin.attention import quantized_attention
+from igq_plugin.quantize import matches
 
 from .. import require
 
@@ -62,7 +64,6 @@ CORE_FIELDS = tuple(f.name for f in dataclasses.fields(igq.IGQConfig))  # the co
 HF_FIELDS = ("calibration_dataset", "processor", "calibration_batch_size", "modules_to_not_convert")
 _CALIBRATED_ATTR = "_igq_hf_calibrated"
 # state-dict keys the quantizers add (regexes, as transformers' _keys_to_ignore_on_load_missing takes them)
-_STATE_KEYS = (r"_quantizer\.(lo|hi|calibrated)$", r"\.(weight_scale|weight_zero_point|weight_calibrated|weight_int)$")
 
 
 class IGQConfig(QuantizationConfigMixin):
@@ -108,9 +109,7 @@ class IGQConfig(QuantizationConfigMixin):
         if not isinstance(core, igq.IGQConfig):
             raise TypeError(f"core must be an igq_plugin.IGQConfig, got {type(core).__name__}")
         fields = {f.name: getattr(core, f.name) for f in dataclasses.fields(core)}
-        with warnings.catch_warnings():  # the core config already said what it ignores
-            warnings.simplefilter("ignore", UserWarning)
-            return cls(**fields, **options)
+        return _quietly(cls, **fields, **options)  # the core config already said what it ignores
 
     @classmethod
     def igq_plus(cls, bits: int = 4, **options: Any) -> "IGQConfig":
@@ -135,9 +134,7 @@ class IGQConfig(QuantizationConfigMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         core = self.__dict__.get("core")
         if core is not None and name in CORE_FIELDS:  # cfg.weight_bits = 8, transformers' update(): validated
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.__dict__["core"] = core.replace(**{name: value})
+            self.__dict__["core"] = _quietly(core.replace, **{name: value})
             return
         super().__setattr__(name, value)
 
@@ -160,6 +157,13 @@ class IGQConfig(QuantizationConfigMixin):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.to_json_string(use_diff=False).strip()})"
+
+
+def _quietly(fn, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)`` without the core config's "has no effect" notes (already given for this config)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args, **kwargs)
 
 
 def _is_hf_attention(module: nn.Module) -> bool:
@@ -199,7 +203,7 @@ def _add_attention_sites(model: nn.Module, cfg: igq.IGQConfig) -> list[str]:
     """Q, K, V and softmax quantizers on every module that calls the attention interface; returns their names."""
     names = []
     for name, module in model.named_modules():
-        if not name or not _is_hf_attention(module) or _skipped(name, cfg):
+        if not name or not _is_hf_attention(module) or matches(name, cfg.skip):
             continue
         projection = _projection(module)
         if projection is None:
@@ -213,12 +217,6 @@ def _add_attention_sites(model: nn.Module, cfg: igq.IGQConfig) -> list[str]:
         igq.register_attention_sites(model, name, quantizers, _head_dim(module, channels))
         names.append(name)
     return names
-
-
-def _skipped(name: str, cfg: igq.IGQConfig) -> bool:
-    from igq_plugin.quantize import matches
-
-    return matches(name, cfg.skip)
 
 
 def igq_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -348,6 +346,17 @@ def _require_calibrated(model: nn.Module, args: Any) -> None:
             "IGQConfig(calibration_dataset=...) to from_pretrained)")
 
 
+def _reset_quantizers(model: nn.Module, observe: bool) -> None:
+    """Every site uncalibrated (observing with ``observe``), every weight quantizer fitted afresh from the
+    current weights (dropping GPTQ codes of a former run)."""
+    for site in igq.sites(model):
+        site.quantizer.mark_calibrated(False)
+        if observe:
+            site.quantizer.start_observer()
+        if site.weight_quantizer is not None:
+            site.weight_quantizer.calibrate_weight()
+
+
 def calibrate(model: nn.Module, data: Any, *, processor: Any = None, batch_size: int = 8,
               progress: bool = True) -> nn.Module:
     """Calibrate a model loaded with an IGQConfig (in place; returned): observe ``data`` (see
@@ -369,11 +378,7 @@ def calibrate(model: nn.Module, data: Any, *, processor: Any = None, batch_size:
         raise ValueError("this model is calibrated and reparameterized (IGQConfig.reparam), which changed its weights: "
                          "to calibrate again, load the float checkpoint again with the IGQConfig")
     batches = list(_as_batches(model, data, processor, batch_size))  # checked before any state changes
-    for site in igq.sites(model):
-        site.quantizer.mark_calibrated(False)
-        site.quantizer.start_observer()
-        if site.weight_quantizer is not None:
-            site.weight_quantizer.calibrate_weight()  # fresh weight quantizers (drops GPTQ codes of a former run)
+    _reset_quantizers(model, observe=True)
     was_training = model.training
     model.eval()
     model.__dict__[_CALIBRATED_ATTR] = True  # the guard lets the calibration batches through
@@ -424,12 +429,11 @@ class IGQHfQuantizer(HfQuantizer):
             hf.modules_to_not_convert = sorted({n.removesuffix(".weight").removesuffix(".bias")  # in config.json
                                                 for n in get_keys_to_not_convert(model) if n})
         patterns = tuple(p for name in hf.modules_to_not_convert for p in (name, f"{name}.*"))
-        with warnings.catch_warnings():  # the config already said what it ignores
-            warnings.simplefilter("ignore", UserWarning)
-            return dataclasses.replace(hf.core, skip=tuple(hf.core.skip) + patterns)
+        return _quietly(hf.core.replace, skip=tuple(hf.core.skip) + patterns)  # the config said what it ignores
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         cfg = self._core_config(model)
+        float_keys = set(model.state_dict(keep_vars=True))
         igq.prepare(model, cfg, inplace=True, observe=False, attention=False)  # attention: below, by this adapter
         if cfg.quantize_attention:
             if not _add_attention_sites(model, cfg):
@@ -437,10 +441,12 @@ class IGQHfQuantizer(HfQuantizer):
                                "and softmax stay in full precision", type(model).__name__)
         model.__dict__[_CALIBRATED_ATTR] = False
         model.register_forward_pre_hook(_require_calibrated)
+        state_keys = sorted(set(model.state_dict(keep_vars=True)) - float_keys)  # what the quantizers added
         if self.pre_quantized:
-            _match_checkpoint(model, kwargs.get("checkpoint_files") or [], self)
+            _match_checkpoint(model, state_keys, kwargs.get("checkpoint_files") or [], self)
         else:  # a float checkpoint has no quantizer state: not "missing" weights to report
-            model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(_STATE_KEYS)
+            ignored = {f"^{re.escape(key)}$" for key in state_keys}
+            model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | ignored
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -452,22 +458,13 @@ class IGQHfQuantizer(HfQuantizer):
                                  "calibrated models only")
             model.__dict__[_CALIBRATED_ATTR] = True
             return model
-        for site in igq.sites(model):  # fresh quantization: nothing of the quantizers came from the checkpoint
-            site.quantizer.mark_calibrated(False)
-            if site.weight_quantizer is not None:
-                site.weight_quantizer.calibrate_weight()
-        hf = self.quantization_config
-        if hf.calibration_dataset is not None:
+        hf = self.quantization_config  # fresh quantization: nothing of the quantizers came from the checkpoint
+        if hf.calibration_dataset is not None:  # (calibrate resets them)
             calibrate(model, hf.calibration_dataset, processor=hf.processor, batch_size=hf.calibration_batch_size)
+        else:
+            _reset_quantizers(model, observe=False)
         hf.calibration_dataset = hf.processor = None  # not part of the model (nor kept alive by it)
         return model
-
-
-def _quantizer_state_keys(model: nn.Module) -> list[str]:
-    import re
-
-    pattern = re.compile("|".join(f"(?:{k})" for k in _STATE_KEYS))
-    return [name for name, _ in model.state_dict(keep_vars=True).items() if pattern.search(name)]
 
 
 def _key_mapper(model: nn.Module, quantizer: HfQuantizer):
@@ -484,7 +481,7 @@ def _key_mapper(model: nn.Module, quantizer: HfQuantizer):
     return lambda key: rename_source_key(key, renamings, converters, prefix, meta)[0]
 
 
-def _match_checkpoint(model: nn.Module, files: list, quantizer: HfQuantizer) -> None:
+def _match_checkpoint(model: nn.Module, state_keys: list[str], files: list, quantizer: HfQuantizer) -> None:
     """Before a pre-quantized checkpoint loads: every quantizer tensor must be in it (transformers would fill a
     missing one with uninitialized memory), and tensors whose shape the checkpoint sets (group counts after
     allocation, GPTQ weight codes) are resized to it (transformers assigns tensors without resizing)."""
@@ -505,7 +502,7 @@ def _match_checkpoint(model: nn.Module, files: list, quantizer: HfQuantizer) -> 
     to_model = _key_mapper(model, quantizer)
     shapes = {to_model(key): shape for key, shape in shapes.items()}
     missing = []
-    for name in _quantizer_state_keys(model):
+    for name in state_keys:
         found = shapes.get(name)
         if found is None:
             missing.append(name)
