@@ -40,7 +40,7 @@ _VIEWS = {"transpose", "permute", "t", "view", "reshape", "contiguous", "mT", to
           torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
 
 
-def is_matmul(node: Node, gm: torch.fx.GraphModule) -> bool:
+def is_matmul(node: Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _MATMULS
 
 
@@ -73,7 +73,8 @@ def _reaches_softmax(node: Node, gm: torch.fx.GraphModule, depth: int = 6) -> bo
             for user in n.users:
                 if _is_softmax(user, gm):
                     return True
-                if is_matmul(user, gm) or user.op in ("output", "call_module") and not _is_leafless(user, gm):
+                stops = user.op == "output" or (user.op == "call_module" and not _is_leafless(user, gm))
+                if stops or is_matmul(user):  # a layer with weights, another matmul: past the attention scores
                     continue
                 nxt.append(user)
         frontier = nxt
@@ -126,7 +127,7 @@ def operand_sites(gm: torch.fx.GraphModule,
     """{(matmul node, argument index): (attention scope, tag)} for every attention matmul operand."""
     found: dict[tuple[Node, int], tuple[str, str]] = {}
     for node in gm.graph.nodes:
-        if not is_matmul(node, gm) or len(node.args) < 2:
+        if not is_matmul(node) or len(node.args) < 2:
             continue
         role = attention_role(node, gm, is_observer)
         if role is None:

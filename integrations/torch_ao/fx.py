@@ -427,7 +427,7 @@ def _plan(prepared: torch.fx.GraphModule, cfg: igq.IGQConfig) -> tuple[list, lis
                        "functional linears, which the FX flow does not quantize (the pt2e flow and igq.quantize do)",
                        ", ".join(functional))
     if cfg.quantize_attention:
-        unobserved = sorted({_graph.scope(m) or m.name for m in prepared.graph.nodes if _graph.is_matmul(m, prepared)
+        unobserved = sorted({_graph.scope(m) or m.name for m in prepared.graph.nodes if _graph.is_matmul(m)
                              and _graph.attention_role(m, prepared, _is_observer) and m not in observed_matmuls})
         if unobserved:
             logger.warning("the attention matmuls of %s were not observed, so their Q, K, V and softmax sites stay in "
