@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
+from .ops.grid import GRID_BITS, grid_feasible
 from .ops.levels import DEFAULT_TANQ_STEEPNESS, SOFTMAX_QUANTIZERS
 from .ops.quant import check_bits
 from .ops.weight import WEIGHT_CLIPPINGS, WEIGHT_ROUNDINGS
@@ -97,6 +98,12 @@ class IGQConfig:
             act_scheme="layer", Q/K/V operands under matmul_scheme="layer"): clip at the
             (100-p)-th / p-th percentile of the calibration values (e.g. 99.99) instead of
             min / max. None (default): min-max. Not used by "channel" / "igq" sites.
+        act_grid: None (default) or 8 / 16: fit every activation site's group ranges onto one common
+            integer grid of that many bits (group steps whole multiples of one base step, igq_plugin.ops.grid),
+            so the deployed layer is one (8) or two (16) standard u8 x i8 GEMMs on the CPU
+            (igq_plugin.integrations.openvino). Q, K, V operands get a signed grid (zero point 0 in the
+            matmul). 8 needs act_bits <= 7. None: unconstrained groups; export then re-codes them onto
+            an approximate 16-bit grid.
     Weights
         weight_clipping: "percentile" (default; ``weight_percentile``) or "mse": per output channel, the
             clipping range minimizing the channel's squared rounding error (igq_plugin.ops.mse_weight_qparams).
@@ -148,6 +155,7 @@ class IGQConfig:
     range_quantile: float = DEFAULT_QUANTILE
     kmeans_iters: int = 100
     act_percentile: Optional[float] = None
+    act_grid: Optional[int] = None
     weight_clipping: str = "percentile"
     weight_percentile: Optional[float] = None
     weight_rounding: str = "nearest"
@@ -196,6 +204,14 @@ class IGQConfig:
                 raise TypeError(f"act_percentile must be a float in (50, 100] percent or None, got {self.act_percentile!r}")
             if not 50.0 < self.act_percentile <= 100.0:
                 raise ValueError(f"act_percentile must be in (50, 100] percent (e.g. 99.99), got {self.act_percentile}")
+        if self.act_grid is not None:
+            _check_choice(self.act_grid, "act_grid", (None,) + GRID_BITS)
+            if self.act_scheme == "channel":
+                raise ValueError("act_grid needs act_scheme 'igq' or 'layer': static per-channel ranges are a "
+                                 "reference, not deployed")
+            if not grid_feasible(self.act_bits, self.act_grid, groups=1 if self.act_scheme == "layer" else 2):
+                raise ValueError(f"act_grid={self.act_grid} cannot hold {self.act_bits}-bit groups: use act_grid=16 "
+                                 "(two GEMMs) or act_bits <= 7")
         _check_choice(self.weight_clipping, "weight_clipping", WEIGHT_CLIPPINGS)
         if self.weight_percentile is not None:
             if isinstance(self.weight_percentile, bool) or not isinstance(self.weight_percentile, (int, float)):

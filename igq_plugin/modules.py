@@ -151,8 +151,22 @@ class ActQuantizer(_Quantizer):
         percentile: Optional[float] = None,
         site: str = "",
         instance_dims: int = 1,
+        grid_bits: Optional[int] = None,
+        grid_signed: bool = False,
     ) -> None:
         super().__init__(bits, site)
+        if grid_bits is not None:
+            if scheme == "channel":
+                raise ValueError(f"site '{site}': a common grid (grid_bits={grid_bits}) needs scheme 'igq' or "
+                                 "'layer'; static per-channel ranges are a reference, not deployed")
+            groups = 1 if scheme == "layer" else 2
+            if grid_bits not in ops.GRID_BITS or not ops.grid_feasible(bits, grid_bits, grid_signed, groups):
+                raise ValueError(f"site '{site}': grid_bits must be one of {ops.GRID_BITS} and hold {bits}-bit "
+                                 f"groups, got {grid_bits!r}")
+        # Fitted group ranges are moved onto one common integer grid of this many bits (ops.grid): what
+        # a deployment on standard INT8 GEMMs needs. Signed: the grid is centred (attention operands).
+        self.grid_bits = grid_bits
+        self.grid_signed = bool(grid_signed)
         if isinstance(instance_dims, bool) or not isinstance(instance_dims, int) or instance_dims < 1:
             raise ValueError(f"instance_dims must be an int >= 1 at site '{site}', got {instance_dims!r}")
         # Layout of this site's activation: the first instance_dims dims index instances, the
@@ -228,9 +242,9 @@ class ActQuantizer(_Quantizer):
             raise RuntimeError(f"quantizer at site '{self.site}' has no observer: call start_observer() and run data")
         lo, hi = self.observer.ranges()  # [instances, C]
         if self.scheme == "layer" and self.percentile is not None:
-            return self.observer.percentile_range(self.percentile)
+            return self._on_grid(*self.observer.percentile_range(self.percentile))
         if self.scheme == "layer":
-            return lo.min().reshape(1), hi.max().reshape(1)
+            return self._on_grid(lo.min().reshape(1), hi.max().reshape(1))
         if self.scheme == "channel":
             return lo.amin(0), hi.amax(0)
         groups = self.lo.numel() if num_groups is None else num_groups
@@ -239,8 +253,15 @@ class ActQuantizer(_Quantizer):
                 self.observer.chunks(), groups, self.bits, max_iter=self.kmeans_iters, channel_weights=self.error_weights
             )
             self.chosen_rule = rule
-            return group_lo, group_hi
-        return fit_group_ranges(lo, hi, groups, update=self.update, max_iter=self.kmeans_iters, quantile=self.quantile)
+            return self._on_grid(group_lo, group_hi)
+        return self._on_grid(*fit_group_ranges(lo, hi, groups, update=self.update, max_iter=self.kmeans_iters,
+                                               quantile=self.quantile))
+
+    def _on_grid(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fitted ranges, moved onto one common integer grid when the site has ``grid_bits``."""
+        if self.grid_bits is None:
+            return lo, hi
+        return ops.snap_to_grid(lo, hi, self.bits, self.grid_bits, self.grid_signed)
 
     def load_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Set static ranges (resizing the buffers to match) and mark the quantizer calibrated."""

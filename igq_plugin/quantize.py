@@ -115,19 +115,23 @@ def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[Lay
     return LayerSettings(cfg.weight_bits, cfg.act_bits, cfg.act_scheme, cfg.num_groups, block_site=True)
 
 
-def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *, block_site: bool = True) -> dict:
+def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *, block_site: bool = True,
+                         operand: bool = False) -> dict:
     """Keyword arguments of the ActQuantizer of one site (all but ``channels`` and ``site``);
-    ``act_percentile`` applies to layer-wise sites inside the blocks."""
+    ``act_percentile`` applies to layer-wise sites inside the blocks, ``act_grid`` to every site
+    (signed for an attention ``operand``)."""
     percentile = cfg.act_percentile if block_site and scheme == "layer" else None
+    grid = cfg.act_grid if scheme != "channel" else None
     return dict(bits=bits, scheme=scheme, num_groups=groups, update=cfg.range_update, quantile=cfg.range_quantile,
-                kmeans_iters=cfg.kmeans_iters, percentile=percentile)
+                kmeans_iters=cfg.kmeans_iters, percentile=percentile, grid_bits=grid, grid_signed=operand)
 
 
 def _act_quantizer(
-    cfg: IGQConfig, bits: int, scheme: str, channels: Optional[int], groups: int, site: str, *, block_site: bool = True
+    cfg: IGQConfig, bits: int, scheme: str, channels: Optional[int], groups: int, site: str, *, block_site: bool = True,
+    operand: bool = False,
 ) -> ActQuantizer:
     return ActQuantizer(channels=channels, site=site, **act_quantizer_kwargs(cfg, bits, scheme, groups,
-                                                                             block_site=block_site))
+                                                                             block_site=block_site, operand=operand))
 
 
 def quantized_layer(module: nn.Module, cfg: IGQConfig, settings: LayerSettings,
@@ -165,7 +169,7 @@ def attention_quantizer(cfg: IGQConfig, attention: str, tag: str, channels: Opti
         )
     if tag not in ATTENTION_SITES:
         raise ValueError(f"attention site tag must be one of {ATTENTION_SITES}, got {tag!r}")
-    return _act_quantizer(cfg, cfg.act_bits, cfg.matmul_scheme, channels, cfg.num_groups, site)
+    return _act_quantizer(cfg, cfg.act_bits, cfg.matmul_scheme, channels, cfg.num_groups, site, operand=True)
 
 
 def register_attention_sites(model: nn.Module, attention: str, quantizers: dict[str, nn.Module], head_dim: int) -> None:

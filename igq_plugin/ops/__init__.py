@@ -41,10 +41,12 @@ from .library import (
     group_fake_quantize,
     group_quantize_codes,
     grouped_linear,
+    grid_fake_quantize,
     grouped_linear_reference,
     softmax_group_fake_quantize,
     softmax_row_fake_quant_grads,
 )
+from .grid import GRID_BITS, Grid, fit_common_grid, grid_feasible, grid_of, snap_to_grid
 from .metrics import cosine, sqnr_db
 from .quant import (
     MAX_BITS,

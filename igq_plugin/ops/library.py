@@ -30,6 +30,12 @@ torch.compile trace them without data) and, for the fake-quant ops, autograd:
     int32 accumulation whenever that does not overflow; C <= 65793 guarantees it), then the float32
     epilogue ``out = (sum over g in order 0..G-1 of float32(acc_g) * s_g) * w_scale + bias``.
     Output float32 [*instances, *tokens, O].
+``igq::grid_fake_quant(x, scale, zero_point, qmin, qmax) -> Tensor``
+    One static per-tensor fake quantization, ``torch.fake_quantize_per_tensor_affine``'s arithmetic
+    (float32, result in x's dtype; no autograd): the re-coding of group-quantized values onto their
+    common integer grid in a lowered model (:mod:`igq_plugin.lowering`). Its own op because torch's
+    has no export kernel under dynamic shapes; backends convert it to their per-tensor quantize
+    (OpenVINO: one FakeQuantize).
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ __all__ = [
     "group_fake_quant_grads",
     "softmax_row_fake_quant_grads",
     "MAX_GROUPED_LINEAR_CHANNELS",
+    "grid_fake_quantize",
 ]
 
 # Largest reduction length whose int32 partial sums cannot overflow: C * 255 * 128 < 2**31.
@@ -135,6 +142,26 @@ def group_fake_quantize(
     """``torch.ops.igq.group_fake_quant``: fake-quantize x with instance-aware groups (module docstring)."""
     check_bits(bits)
     return torch.ops.igq.group_fake_quant(x, group_lo, group_hi, bits, instance_dims)
+
+
+# --- igq::grid_fake_quant -------------------------------------------------------------------
+
+@torch.library.custom_op("igq::grid_fake_quant", mutates_args=())
+def _grid_fake_quant(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+
+
+@_grid_fake_quant.register_fake
+def _(x, scale, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+def grid_fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``torch.ops.igq.grid_fake_quant``: per-tensor fake quantization with a static (scale, zero_point)."""
+    if not (qmin <= zero_point <= qmax and qmax - qmin <= 255 and scale > 0):
+        raise ValueError(f"grid_fake_quant needs scale > 0, qmin <= zero_point <= qmax and at most 256 levels; "
+                         f"got scale={scale}, zero_point={zero_point}, [{qmin}, {qmax}]")
+    return torch.ops.igq.grid_fake_quant(x, float(scale), int(zero_point), int(qmin), int(qmax))
 
 
 # --- igq::group_quantize --------------------------------------------------------------------

@@ -1,1 +1,167 @@
-"""igq_plugin.integrations.openvino: adapter package (planned, DESIGN.md §5 phase 2; nothing is exported yet)."""
+"""IGQ on OpenVINO INT8: export a quantized model, compile it for the CPU, check what runs INT8.
+
+::
+
+    import igq_plugin as igq
+    from igq_plugin.integrations.openvino import export_openvino, compile_openvino, int8_report
+
+    qmodel = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4, act_grid=8), calib_images)
+    ov_model = export_openvino(qmodel, example_images, "igq_vit.xml")   # ov.Model, and .xml/.bin
+    compiled = compile_openvino(ov_model)                              # CPU, f32 inference precision
+    features = compiled(images.numpy())[0]
+    print(int8_report(compiled))                                       # precision of every GEMM
+
+How: :func:`igq_plugin.lowering.lower` rewrites every registered site (igq.quantize, torch.ao FX /
+pt2e, transformers: all register theirs) as the patterns OpenVINO's low-precision transformations
+run on INT8 kernels: the per-instance group assignment and group quantization in float32 ops,
+then one static per-tensor FakeQuantize on the site's common integer grid feeding the GEMM, and
+per-channel FakeQuantize on constant weights. ``torch.export`` records the lowered model and
+``ov.convert_model`` converts it (no custom ops). With ``IGQConfig(act_grid=8)`` an IGQ Linear is
+one u8 x i8 FullyConnected; ``act_grid=16`` (or 8-bit activations) two (high and low byte).
+
+Precision: the assignment (per-instance channel min/max, distances to the group ranges, TopK)
+must run in float32. Under bf16 inference precision (the CPU plugin's default where the CPU has
+bf16) the distances round and channels go to the wrong group (1-21% relative error measured), so
+:func:`compile_openvino` sets ``INFERENCE_PRECISION_HINT=f32``, and the exported model records the
+same hint in its rt_info (``runtime_options``) for tools that read it. The GEMMs run INT8 either way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from igq_plugin.lowering import lower, lowering_report
+
+from .. import require
+
+__all__ = ["export_openvino", "compile_openvino", "conversion_extensions", "int8_report", "check_int8", "REQUIRED_CONFIG", "GEMM_TYPES",
+           "lower", "lowering_report"]
+
+REQUIRED_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}  # IGQ's assignment must not run in bf16 / f16
+GEMM_TYPES = ("FullyConnected", "MatMul", "Convolution")
+INT8_PRECISIONS = ("u8", "i8")
+
+
+def _ov():
+    return require("openvino", "openvino")
+
+
+def _grid_fake_quant_converter(ctx):
+    """igq::grid_fake_quant -> one OpenVINO FakeQuantize (per tensor, qmax - qmin + 1 levels)."""
+    import numpy as np
+    from openvino import opset13 as ops_ov
+
+    x = ctx.get_input(0)
+    scale = float(ctx.get_values_from_const_input(1))
+    zero_point, qmin, qmax = (int(ctx.get_values_from_const_input(i)) for i in (2, 3, 4))
+    lo = np.array((qmin - zero_point) * scale, dtype=np.float32)
+    hi = np.array((qmax - zero_point) * scale, dtype=np.float32)
+    lo_c, hi_c = ops_ov.constant(lo), ops_ov.constant(hi)
+    return [ops_ov.fake_quantize(x, lo_c, hi_c, lo_c, hi_c, qmax - qmin + 1).output(0)]
+
+
+def conversion_extensions() -> list:
+    """The ``ov.convert_model(..., extension=...)`` list that converts the igq ops a lowered model exports."""
+    from openvino.frontend import ConversionExtension
+
+    return [ConversionExtension("igq.grid_fake_quant.default", _grid_fake_quant_converter)]
+
+
+def _example_args(example_input: Any) -> tuple[tuple, dict]:
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), {}
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    raise TypeError(f"example_input must be a tensor, a tuple of tensors or a dict of keyword tensors, "
+                    f"got {type(example_input).__name__}")
+
+
+def _dynamic_batch(args: tuple, kwargs: dict) -> Any:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+
+    def spec(value):
+        return {0: batch} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+    if kwargs:
+        return {name: spec(value) for name, value in kwargs.items()}
+    return tuple(spec(a) for a in args)
+
+
+def export_openvino(qmodel: nn.Module, example_input: Any, path: Optional[Union[str, os.PathLike]] = None, *,
+                    dynamic_batch: bool = True) -> Any:
+    """Lower the quantized ``qmodel`` (see the module docstring) and convert it to an ``ov.Model``.
+
+    example_input: a tensor (e.g. [B, 3, 224, 224] images), a tuple of tensors, or a dict of keyword
+        tensors (e.g. ``{"pixel_values": x}`` for a transformers model).
+    path: also save it there (``.xml`` + ``.bin``, weights kept in float32: OpenVINO's default fp16
+        compression of weight constants would change the quantized weights' grid).
+    dynamic_batch: the first dim of every input is dynamic.
+    The user's model is not modified.
+    """
+    ov = _ov()
+    args, kwargs = _example_args(example_input)
+    lowered = lower(qmodel).eval()
+    shapes = _dynamic_batch(args, kwargs) if dynamic_batch else None
+    with torch.no_grad():
+        exported = torch.export.export(lowered, args, kwargs or None, dynamic_shapes=shapes)
+    ov_model = ov.convert_model(exported, extension=conversion_extensions())
+    for key, value in REQUIRED_CONFIG.items():
+        ov_model.set_rt_info(value, ["runtime_options", key])
+    report = lowering_report(lowered)
+    ov_model.set_rt_info(str(len(report)), ["igq", "sites"])
+    ov_model.set_rt_info(str(sum(1 for r in report if r.grid is not None and not r.grid.exact)),
+                         ["igq", "inexact_grid_sites"])
+    if path is not None:
+        path = os.fspath(path)
+        if not path.endswith(".xml"):
+            raise ValueError(f"path must name the .xml file of the OpenVINO IR (its .bin goes next to it), got {path!r}")
+        ov.save_model(ov_model, path, compress_to_fp16=False)
+    return ov_model
+
+
+def compile_openvino(model: Any, device: str = "CPU", config: Optional[dict] = None) -> Any:
+    """``ov.Core().compile_model`` with the precision IGQ needs (``REQUIRED_CONFIG``): ``model`` is an
+    ``ov.Model`` or the path of its .xml. ``config`` adds properties (e.g. {"PERFORMANCE_HINT": "LATENCY"});
+    an INFERENCE_PRECISION_HINT other than f32 is refused (module docstring: why)."""
+    ov = _ov()
+    merged = dict(config or {})
+    hint = merged.get("INFERENCE_PRECISION_HINT")
+    if hint is not None and str(hint).lower() not in ("f32", "<type: 'float32'>", "float32"):
+        raise ValueError(f"INFERENCE_PRECISION_HINT={hint!r} would run IGQ's channel assignment in low precision and "
+                         "assign channels to the wrong groups; IGQ models need 'f32' (the GEMMs still run INT8)")
+    merged.update(REQUIRED_CONFIG)
+    core = ov.Core()
+    if isinstance(model, (str, os.PathLike)):
+        model = core.read_model(os.fspath(model))
+    return core.compile_model(model, device, merged)
+
+
+def int8_report(compiled: Any) -> list[dict]:
+    """Every GEMM of the compiled model as the plugin runs it: {"name", "type", "precision"}, from
+    ``compiled.get_runtime_model()`` (layerType / runtimePrecision), in execution order."""
+    rows = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer_type = info["layerType"].astype(str)
+        if layer_type in GEMM_TYPES:
+            rows.append({"name": op.get_friendly_name(), "type": layer_type,
+                         "precision": info["runtimePrecision"].astype(str)})
+    return rows
+
+
+def check_int8(compiled: Any, allow: tuple[str, ...] = ()) -> list[dict]:
+    """:func:`int8_report`, raising ValueError when a GEMM whose name contains none of ``allow`` does not run
+    u8 / i8 (e.g. allow=("head",) for a classifier left in float)."""
+    rows = int8_report(compiled)
+    if not rows:
+        raise ValueError("the compiled model has no FullyConnected / MatMul / Convolution layer")
+    bad = [r for r in rows if r["precision"] not in INT8_PRECISIONS and not any(a in r["name"] for a in allow)]
+    if bad:
+        listed = ", ".join(f"{r['name']} ({r['type']}, {r['precision']})" for r in bad[:8])
+        raise ValueError(f"{len(bad)} of {len(rows)} GEMMs do not run INT8: {listed}")
+    return rows

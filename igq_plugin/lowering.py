@@ -1,0 +1,261 @@
+"""Integer lowering of a quantized model: every registered site as standard INT8 GEMM patterns.
+
+``lower(qmodel)`` returns a copy in which the igq ops are replaced by plain aten arithmetic and
+torch's own fake-quant ops, the pattern INT8 backends (OpenVINO's low-precision transformations,
+torch.ao lowering) recognise and run on integer kernels:
+
+* A Linear / patch-embedding input site: the IGQ assignment and group quantization (paper Eq. 5,
+  the core's reference arithmetic in float32), then **one static per-tensor re-coding** onto the
+  site's common integer grid (:mod:`igq_plugin.ops.grid`): ``fake_quantize_per_tensor_affine`` with
+  the base step s0. The group-quantized values lie on that grid, so the re-coding changes nothing
+  and the GEMM sees one u8 activation tensor. A grid wider than 8 bits is split into a high and a
+  low byte: two GEMMs with the same weights, and the grid offset s0 * vmin * rowsum(W) folded into
+  the bias.
+* The weights: ``fake_quantize_per_channel_affine`` on the dequantized weights (exact), as i8 with
+  zero point 0 when the codes minus their zero points fit [-128, 127] (always for <= 7 bits; a
+  4-bit weight is a 256-level i8 weight whose codes use 16 levels), else as u8 with the per-channel
+  zero points.
+* Q, K, V operands: their quantizer, then a signed re-coding (zero point 0 in i8) when the groups
+  lie on a signed 8-bit grid (``IGQConfig(act_grid=...)`` fits them so), so both matmul inputs
+  are INT8.
+* Post-softmax rows: the core's reference arithmetic.
+
+Sites whose groups are not on one grid (``act_grid=None``) are re-coded onto the finest 16-bit
+grid, which rounds again by at most half its step (:func:`lowering_report` lists them); the result
+is then no longer bit-equal to the fake-quant model. The lowered model is a plain torch model:
+``torch.export`` it, or convert it with a backend's converter.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .modules import ActQuantizer, SoftmaxQuantizer
+from .registry import sites
+
+__all__ = ["lower", "lowering_report", "SiteLowering", "LoweredLinear", "LoweredConv2d"]
+
+logger = logging.getLogger("igq_plugin")
+
+LOWERING_ATTR = "igq_lowering"  # list of SiteLowering on the lowered model
+
+
+@dataclass(frozen=True)
+class SiteLowering:
+    """How one site was lowered: its grid (None: a site whose quantized values stay float, e.g.
+    post-softmax rows), and how many GEMMs its consumer runs (0: not a weighted layer's input)."""
+
+    site: str
+    kind: str
+    grid: Optional[ops.Grid]
+    gemms: int
+
+
+def _recode(x: torch.Tensor, grid: ops.Grid, signed: bool = False) -> torch.Tensor:
+    """Exact re-coding of values on ``grid`` (span <= 255) as one per-tensor quantized tensor."""
+    if signed:
+        return ops.grid_fake_quantize(x, grid.step, 0, -128, 127)
+    return ops.grid_fake_quantize(x, grid.step, -grid.vmin, 0, 255)
+
+
+def _byte_split(x: torch.Tensor, grid: ops.Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = s0 * (vmin + 256 h + l): the low and high bytes as per-tensor quantized tensors (offset excluded)."""
+    u = torch.round(x / grid.step) - grid.vmin
+    high = torch.floor(u / 256.0)
+    low = u - 256.0 * high
+    return (ops.grid_fake_quantize(low * grid.step, grid.step, 0, 0, 255),
+            ops.grid_fake_quantize(high * (256.0 * grid.step), 256.0 * grid.step, 0, 0, 255))
+
+
+def _weight_fq(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(dequantized weight, scale, int zero point, qmin, qmax) of a weight-quantizer module."""
+    w_hat = module.quantized_weight().detach().float()
+    scale = module.weight_scale.detach().float()
+    zero = module.weight_zero_point.detach().float().round()
+    codes = module.weight_codes().detach().float()
+    centred = codes - zero.reshape((-1,) + (1,) * (codes.dim() - 1))
+    if float(centred.min()) >= -128 and float(centred.max()) <= 127:
+        return w_hat, scale, torch.zeros_like(zero, dtype=torch.int32), -128, 127
+    return w_hat, scale, zero.to(torch.int32), 0, 2 ** module.w_bits - 1
+
+
+class _LoweredWeight(nn.Module):
+    """Shared state of a lowered weighted layer: weight fake-quant constants and the input grid."""
+
+    def _init_weight(self, module: nn.Module, input_quantizer: Optional[nn.Module], grid: Optional[ops.Grid]) -> None:
+        w_hat, scale, zero, self.qmin, self.qmax = _weight_fq(module)
+        self.register_buffer("weight", w_hat)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero)
+        bias = module.bias.detach().float() if module.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.input_quantizer = input_quantizer
+        self.grid = grid
+
+    def quantized_weight(self) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, self.weight_zero_point, 0,
+                                                      self.qmin, self.qmax)
+
+    def _offset_bias(self, w_sum: torch.Tensor) -> torch.Tensor:
+        """Bias plus the grid offset s0 * vmin * rowsum(W) of a byte-split input."""
+        offset = (self.grid.step * self.grid.vmin) * w_sum
+        return offset if self.bias is None else self.bias + offset
+
+    def _run(self, x: torch.Tensor, op) -> torch.Tensor:
+        dtype = x.dtype
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        x = x.float()
+        w = self.quantized_weight()
+        if self.grid is None:
+            return op(x, w, self.bias).to(dtype)
+        if self.grid.span <= 255:
+            return op(_recode(x, self.grid), w, self.bias).to(dtype)
+        low, high = _byte_split(x, self.grid)
+        return (op(low, w, self.offset_bias) + op(high, w, None)).to(dtype)
+
+
+class LoweredLinear(_LoweredWeight):
+    """A quantized Linear as u8 x i8 GEMM patterns (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, input_quantizer: Optional[nn.Module], grid: Optional[ops.Grid]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self._init_weight(module, input_quantizer, grid)
+        if grid is not None and grid.span > 255:
+            self.register_buffer("offset_bias", self._offset_bias(self.weight.double().sum(1).float()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, F.linear)
+
+
+class LoweredConv2d(_LoweredWeight):
+    """A quantized Conv2d (patch embedding) as u8 x i8 convolution patterns."""
+
+    def __init__(self, module: nn.Module, input_quantizer: Optional[nn.Module], grid: Optional[ops.Grid]) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = module.stride, module.padding, module.dilation, module.groups
+        self._init_weight(module, input_quantizer, grid)
+        if grid is not None and grid.span > 255:
+            raise ValueError("a convolution input needs a grid of at most 8 bits (it is layer-wise: always true "
+                             "for <= 8-bit inputs)")
+
+    def _conv(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, self._conv)
+
+
+class _LoweredActQuantizer(ActQuantizer):
+    """An ActQuantizer whose forward is the core's reference arithmetic in plain aten ops (no igq op),
+    optionally followed by a signed re-coding (attention operands)."""
+
+    signed_grid: Optional[ops.Grid] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._require_calibrated()
+        if self.scheme == "channel":
+            raise RuntimeError(f"site '{self.site}' uses static per-channel ranges: not deployable")
+        out = ops.group_fake_quantize_reference(x, self.lo, self.hi, self.bits, self.instance_dims)
+        if self.signed_grid is not None:
+            out = _recode(out.float(), self.signed_grid, signed=True).to(x.dtype)
+        return out
+
+
+class _LoweredSoftmaxQuantizer(SoftmaxQuantizer):
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        self._require_calibrated()
+        return ops.softmax_group_fake_quantize_reference(a, self.hi, self.bits, self.levels, self.steepness)
+
+
+def _as_lowered(quantizer: nn.Module, cls: type) -> nn.Module:
+    """The same quantizer (state shared with the copy it came from) with the lowered forward."""
+    lowered = cls.__new__(cls)
+    lowered.__dict__.update(quantizer.__dict__)
+    return lowered
+
+
+def _grid(quantizer: ActQuantizer, *, max_bits: int = 16) -> ops.Grid:
+    if quantizer.scheme == "channel":
+        raise ValueError(f"site '{quantizer.site}' uses static per-channel ranges (act_scheme / matmul_scheme "
+                         "'channel'), a reference that no integer kernel runs: quantize with 'igq' or 'layer'")
+    return ops.grid_of(quantizer.lo, quantizer.hi, quantizer.bits, max_bits=max_bits)
+
+
+def _signed_grid(grid: ops.Grid) -> Optional[ops.Grid]:
+    return grid if grid.exact and grid.vmin >= -128 and grid.vmax <= 127 else None
+
+
+def lower(model: nn.Module) -> nn.Module:
+    """A copy of the quantized ``model`` with every registered site lowered (module docstring).
+
+    The copy's outputs equal the fake-quant model's when every grid is exact (``act_grid`` set, or
+    layer-wise sites); :func:`lowering_report` says, per site, which grid and how many GEMMs.
+    """
+    found = sites(model)
+    if not found:
+        raise ValueError("the model has no quantization sites: quantize it first (igq.quantize, or an adapter's "
+                         "convert), then lower it")
+    for site in found:
+        if not getattr(site.quantizer, "is_calibrated", False):
+            raise ValueError(f"site '{site.name}' is not calibrated: calibrate and convert the model before lowering")
+    lowered = copy.deepcopy(model)
+    names = {id(m): n for n, m in lowered.named_modules()}
+    replace: dict[int, nn.Module] = {}  # id(original module in the copy) -> replacement
+    report = []
+    for site in sites(lowered):
+        quantizer = site.quantizer
+        if isinstance(quantizer, SoftmaxQuantizer):
+            replace.setdefault(id(quantizer), _as_lowered(quantizer, _LoweredSoftmaxQuantizer))
+            report.append(SiteLowering(site.name, site.kind, None, 0))
+            continue
+        grid = _grid(quantizer)
+        new_quantizer = replace.setdefault(id(quantizer), _as_lowered(quantizer, _LoweredActQuantizer))
+        if site.kind == "matmul_operand":
+            new_quantizer.signed_grid = _signed_grid(grid)
+            report.append(SiteLowering(site.name, site.kind, grid, 0))
+            continue
+        layer = site.weight_quantizer
+        if layer is None or id(layer) not in names:
+            raise ValueError(f"site '{site.name}' feeds no weighted layer of the model: cannot lower it")
+        inner = getattr(layer, "input_quantizer", None) is quantizer
+        cls = LoweredConv2d if site.kind == "conv_input" else LoweredLinear
+        # A quantizer outside its layer (a torch.ao FX graph runs it before the layer) stays where it is, lowered.
+        replace[id(layer)] = cls(layer, new_quantizer if inner else None, grid)
+        report.append(SiteLowering(site.name, site.kind, grid, 1 if grid.span <= 255 else 2))
+    lowered_ids = set(replace)
+    for module_id, new in replace.items():
+        name = names.get(module_id)
+        if name is None:
+            continue  # a quantizer inside a replaced layer: the replacement holds it
+        inside_replaced = any(name.startswith(names[i] + ".") for i in lowered_ids if i in names and i != module_id
+                              and isinstance(replace[i], _LoweredWeight))
+        if inside_replaced:
+            continue
+        lowered.set_submodule(name, new)
+    # A deployment copy: no parameter trains. (torch's fake-quant ops trace to their mask-saving
+    # variants, which have no export kernels, when their input requires grad.)
+    lowered.requires_grad_(False)
+    lowered.__dict__[LOWERING_ATTR] = report
+    inexact = [r.site for r in report if r.grid is not None and not r.grid.exact]
+    if inexact:
+        logger.warning("%d of %d sites are not on one integer grid (quantize with IGQConfig(act_grid=8 or 16) for an "
+                       "exact lowering); re-coded onto a 16-bit grid, e.g. '%s'", len(inexact), len(report), inexact[0])
+    return lowered
+
+
+def lowering_report(lowered: nn.Module) -> list[SiteLowering]:
+    """Per site of a :func:`lower` result: its grid and GEMM count."""
+    report = lowered.__dict__.get(LOWERING_ATTR)
+    if report is None:
+        raise ValueError("not a lowered model: call igq_plugin.lowering.lower(model) first")
+    return list(report)
