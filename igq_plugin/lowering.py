@@ -18,7 +18,8 @@ torch.ao lowering) recognise and run on integer kernels:
 * Q, K, V operands: their quantizer, then a signed re-coding (zero point 0 in i8) when the groups
   lie on a signed 8-bit grid (``IGQConfig(act_grid=...)`` fits them so), so both matmul inputs
   are INT8.
-* Post-softmax rows: the core's reference arithmetic.
+* Post-softmax rows (uniform levels): the row-group codes as one u8 tensor times the per-row scale,
+  which the backend moves past the P V matmul, so it runs INT8 (other levels stay float).
 
 Sites whose groups are not on one grid (``act_grid=None``) are re-coded onto the finest 16-bit
 grid, which rounds again by at most half its step (:func:`lowering_report` lists them); the result
@@ -172,9 +173,16 @@ class _LoweredActQuantizer(ActQuantizer):
 
 
 class _LoweredSoftmaxQuantizer(SoftmaxQuantizer):
+    """Uniform row groups as ``row_scale * codes``, the codes one u8 tensor (zero point 0): a backend
+    moves the per-row scale past the P V matmul (diag(s) P V = diag(s) (P V)) and runs it INT8.
+    Other levels: the core's reference arithmetic (the matmul stays float)."""
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         self._require_calibrated()
-        return ops.softmax_group_fake_quantize_reference(a, self.hi, self.bits, self.levels, self.steepness)
+        if self.levels != "uniform":
+            return ops.softmax_group_fake_quantize_reference(a, self.hi, self.bits, self.levels, self.steepness)
+        codes, _, row_scale = ops.softmax_group_quantize(a, self.hi, self.bits, self.levels, self.steepness)
+        return (ops.grid_fake_quantize(codes, 1.0, 0, 0, 255) * row_scale).to(a.dtype)
 
 
 def _as_lowered(quantizer: nn.Module, cls: type) -> nn.Module:

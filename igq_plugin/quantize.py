@@ -118,10 +118,10 @@ def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[Lay
 def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *, block_site: bool = True,
                          operand: bool = False) -> dict:
     """Keyword arguments of the ActQuantizer of one site (all but ``channels`` and ``site``);
-    ``act_percentile`` applies to layer-wise sites inside the blocks, ``act_grid`` to every site
-    (signed for an attention ``operand``)."""
+    ``act_percentile`` applies to layer-wise sites inside the blocks, ``act_grid`` to every site (an
+    attention ``operand``: a signed 8-bit grid, as both inputs of its matmul are activations)."""
     percentile = cfg.act_percentile if block_site and scheme == "layer" else None
-    grid = cfg.act_grid if scheme != "channel" else None
+    grid = None if scheme == "channel" or cfg.act_grid is None else (8 if operand else cfg.act_grid)
     return dict(bits=bits, scheme=scheme, num_groups=groups, update=cfg.range_update, quantile=cfg.range_quantile,
                 kmeans_iters=cfg.kmeans_iters, percentile=percentile, grid_bits=grid, grid_signed=operand)
 

@@ -63,6 +63,61 @@ def _grid_fake_quant_converter(ctx):
     return [ops_ov.fake_quantize(x, lo_c, hi_c, lo_c, hi_c, qmax - qmin + 1).output(0)]
 
 
+_SHAPE_OPS = ("Reshape", "Broadcast", "Convert")  # between the quantized probabilities and the P V matmul
+
+
+def _row_scaled_codes(matmul) -> Optional[tuple]:
+    """(chain head input, FakeQuantize output, row scale output) when ``matmul``'s left input is
+    ``codes_fq * row_scale`` (a lowered softmax site) through shape-only ops; else None."""
+    node = matmul.input_value(0).get_node()
+    head = matmul.input(0)
+    while node.get_type_name() in _SHAPE_OPS:
+        head = node.input(0)
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Multiply":
+        return None
+    values = [node.input_value(i) for i in range(2)]
+    fq = [v for v in values if v.get_node().get_type_name() == "FakeQuantize"]
+    if len(fq) != 1 or int(fq[0].get_node().get_attributes()["levels"]) != 256:
+        return None
+    scale = values[1] if values[0] is fq[0] or values[0] == fq[0] else values[0]
+    shape = scale.get_partial_shape()
+    if shape.rank.is_dynamic or not shape[shape.rank.get_length() - 1].is_static or \
+            shape[shape.rank.get_length() - 1].get_length() != 1:
+        return None  # not one factor per row
+    return head, fq[0], scale
+
+
+def _move_row_scales(ov_model) -> int:
+    """Rewrite MatMul(codes * s_row, V) as MatMul(codes, V) * s_row (the same numbers: s_row scales whole
+    rows), so the CPU plugin runs the P V matmul on u8 codes. Returns how many matmuls it moved."""
+    import numpy as np
+    from openvino import opset13 as ops_ov
+
+    moved = 0
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or op.get_attributes().get("transpose_a"):
+            continue
+        found = _row_scaled_codes(op)
+        if found is None:
+            continue
+        head, fq, scale = found
+        head.replace_source_output(fq)  # the chain now carries the codes
+        rank = op.get_input_partial_shape(0).rank.get_length()
+        rows = ops_ov.gather(ops_ov.shape_of(op.input_value(0)), ops_ov.constant(np.arange(rank - 1, dtype=np.int64)),
+                             ops_ov.constant(np.int64(0)))
+        row_shape = ops_ov.concat([rows, ops_ov.constant(np.array([1], dtype=np.int64))], 0)
+        row_scale = ops_ov.reshape(scale, row_shape, special_zero=False)
+        consumers = list(op.output(0).get_target_inputs())
+        scaled = ops_ov.multiply(op.output(0), row_scale)
+        for target in consumers:
+            target.replace_source_output(scaled.output(0))
+        moved += 1
+    if moved:
+        ov_model.validate_nodes_and_infer_types()
+    return moved
+
+
 def conversion_extensions() -> list:
     """The ``ov.convert_model(..., extension=...)`` list that converts the igq ops a lowered model exports."""
     from openvino.frontend import ConversionExtension
@@ -110,6 +165,7 @@ def export_openvino(qmodel: nn.Module, example_input: Any, path: Optional[Union[
     with torch.no_grad():
         exported = torch.export.export(lowered, args, kwargs or None, dynamic_shapes=shapes)
     ov_model = ov.convert_model(exported, extension=conversion_extensions())
+    _move_row_scales(ov_model)
     for key, value in REQUIRED_CONFIG.items():
         ov_model.set_rt_info(value, ["runtime_options", key])
     report = lowering_report(lowered)
