@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import inspect
 import logging
 import operator
 from typing import Any, Optional
@@ -78,7 +79,8 @@ class IGQFakeQuantize(FakeQuantizeBase):
     would collapse the groups).
     """
 
-    _KEYS = ("bits", "scheme", "num_groups", "update", "quantile", "kmeans_iters", "percentile")
+    # the ActQuantizer settings a qconfig may carry (torch.ao adds keyword arguments of its own)
+    _KEYS = tuple(k for k in inspect.signature(igq.ActQuantizer).parameters if k not in ("channels", "site"))
 
     def __init__(self, role: str = "input", config: Optional[igq.IGQConfig] = None, **quantizer_kwargs: Any) -> None:
         super().__init__()
