@@ -120,7 +120,8 @@ def snap_to_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group ranges [G] moved onto one common grid (:func:`fit_common_grid`): each step becomes k_g s0,
     each range [-z_g k_g s0, (L - z_g) k_g s0]. Returns (lo, hi) in the inputs' dtype and device."""
-    scale, zero_point = asym_qparams(group_lo.detach().double(), group_hi.detach().double(), bits)
+    # the qparams the igq ops compute (float32), so zero points round as they will at inference
+    scale, zero_point = asym_qparams(group_lo.detach().float(), group_hi.detach().float(), bits)
     s0, k, z = fit_common_grid(scale, zero_point, bits, grid_bits, signed)
     lo, hi = asym_range(k * s0, z, bits)
     return lo.to(group_lo), hi.to(group_hi)
