@@ -76,39 +76,50 @@ def _byte_split(x: torch.Tensor, grid: ops.Grid) -> tuple[torch.Tensor, torch.Te
             ops.grid_fake_quantize(high * (256.0 * grid.step), 256.0 * grid.step, 0, 0, 255))
 
 
-def _weight_fq(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """(dequantized weight, scale, int zero point, qmin, qmax) of a weight-quantizer module."""
-    w_hat = module.quantized_weight().detach().float()
+def _weight_fq(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(i8 weight operand as float, per-channel scale, zero-point correction or None) of a weight quantizer.
+
+    The weight is ``s * (q - z)``. When the codes minus their zero points fit [-128, 127] (always for
+    <= 7 bits) that is the i8 operand. Otherwise (8-bit asymmetric) the operand is ``s * (q - 128)`` and
+    ``s * (128 - z)`` [O] the correction: W x = s (q - 128) x + s (128 - z) * sum(x), an exact split into
+    an i8 GEMM and a per-token sum (the CPU plugin runs u8 weights with zero points as a float GEMM)."""
     scale = module.weight_scale.detach().float()
     zero = module.weight_zero_point.detach().float().round()
     codes = module.weight_codes().detach().float()
-    centred = codes - zero.reshape((-1,) + (1,) * (codes.dim() - 1))
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    centred = codes - zero.reshape(shape)
     if float(centred.min()) >= -128 and float(centred.max()) <= 127:
-        return w_hat, scale, torch.zeros_like(zero, dtype=torch.int32), -128, 127
-    return w_hat, scale, zero.to(torch.int32), 0, 2 ** module.w_bits - 1
+        return centred * scale.reshape(shape), scale, None
+    return (codes - 128.0) * scale.reshape(shape), scale, scale * (128.0 - zero)
 
 
 class _LoweredWeight(nn.Module):
     """Shared state of a lowered weighted layer: weight fake-quant constants and the input grid."""
 
     def _init_weight(self, module: nn.Module, input_quantizer: Optional[nn.Module], grid: Optional[ops.Grid]) -> None:
-        w_hat, scale, zero, self.qmin, self.qmax = _weight_fq(module)
-        self.register_buffer("weight", w_hat)
+        weight, scale, correction = _weight_fq(module)
+        self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", zero)
+        self.register_buffer("weight_zero_point", torch.zeros(scale.shape, dtype=torch.int32))
+        self.register_buffer("correction", correction)  # None: the weight is i8 as it is
         bias = module.bias.detach().float() if module.bias is not None else None
         self.register_buffer("bias", bias)
         self.input_quantizer = input_quantizer
         self.grid = grid
 
     def quantized_weight(self) -> torch.Tensor:
+        """The i8 weight operand (fake-quantized, exact: the values are on the grid already)."""
         return torch.fake_quantize_per_channel_affine(self.weight, self.weight_scale, self.weight_zero_point, 0,
-                                                      self.qmin, self.qmax)
+                                                      -128, 127)
 
     def _offset_bias(self, w_sum: torch.Tensor) -> torch.Tensor:
         """Bias plus the grid offset s0 * vmin * rowsum(W) of a byte-split input."""
         offset = (self.grid.step * self.grid.vmin) * w_sum
         return offset if self.bias is None else self.bias + offset
+
+    def _sums(self, x: torch.Tensor) -> torch.Tensor:
+        """What each output sums x over (the zero-point correction's multiplicand), broadcastable to the output."""
+        raise NotImplementedError
 
     def _run(self, x: torch.Tensor, op) -> torch.Tensor:
         dtype = x.dtype
@@ -117,11 +128,15 @@ class _LoweredWeight(nn.Module):
         x = x.float()
         w = self.quantized_weight()
         if self.grid is None:
-            return op(x, w, self.bias).to(dtype)
-        if self.grid.span <= 255:
-            return op(_recode(x, self.grid), w, self.bias).to(dtype)
-        low, high = _byte_split(x, self.grid)
-        return (op(low, w, self.offset_bias) + op(high, w, None)).to(dtype)
+            out = op(x, w, self.bias)
+        elif self.grid.span <= 255:
+            out = op(_recode(x, self.grid), w, self.bias)
+        else:
+            low, high = _byte_split(x, self.grid)
+            out = op(low, w, self.offset_bias) + op(high, w, None)
+        if self.correction is not None:
+            out = out + self._sums(x) * self._correction_view()
+        return out.to(dtype)
 
 
 class LoweredLinear(_LoweredWeight):
@@ -132,7 +147,14 @@ class LoweredLinear(_LoweredWeight):
         self.in_features, self.out_features = module.in_features, module.out_features
         self._init_weight(module, input_quantizer, grid)
         if grid is not None and grid.span > 255:
+            # the split drops the offset from the GEMM inputs (the correction sums the whole input itself)
             self.register_buffer("offset_bias", self._offset_bias(self.weight.double().sum(1).float()))
+
+    def _sums(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1, keepdim=True)
+
+    def _correction_view(self) -> torch.Tensor:
+        return self.correction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, F.linear)
@@ -148,6 +170,19 @@ class LoweredConv2d(_LoweredWeight):
         if grid is not None and grid.span > 255:
             raise ValueError("a convolution input needs a grid of at most 8 bits (it is layer-wise: always true "
                              "for <= 8-bit inputs)")
+        self.kernel_size = tuple(module.weight.shape[2:])
+        if self.correction is not None and (self.groups != 1 or tuple(self.dilation) != (1, 1)):
+            raise ValueError("a grouped or dilated convolution with 8-bit asymmetric weights cannot be lowered: "
+                             "quantize its weights to <= 7 bits")
+
+    def _sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of each receptive field over channels and kernel window (zero padding adds 0): [B, 1, H', W']."""
+        pooled = F.avg_pool2d(x.sum(1, keepdim=True), self.kernel_size, self.stride, self.padding,
+                              count_include_pad=True)
+        return pooled * float(self.kernel_size[0] * self.kernel_size[1])
+
+    def _correction_view(self) -> torch.Tensor:
+        return self.correction.reshape(1, -1, 1, 1)
 
     def _conv(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)

@@ -42,7 +42,6 @@ __all__ = ["export_openvino", "compile_openvino", "conversion_extensions", "int8
 
 REQUIRED_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}  # IGQ's assignment must not run in bf16 / f16
 GEMM_TYPES = ("FullyConnected", "MatMul", "Convolution")
-INT8_PRECISIONS = ("u8", "i8")
 
 
 def _ov():
@@ -147,6 +146,13 @@ def _dynamic_batch(args: tuple, kwargs: dict) -> Any:
     return tuple(spec(a) for a in args)
 
 
+def _batch_of_two(value: Any) -> Any:
+    """torch.export specializes a dim of size 1: trace a dynamic batch with two copies of a single example."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return torch.cat([value, value])
+    return value
+
+
 def export_openvino(qmodel: nn.Module, example_input: Any, path: Optional[Union[str, os.PathLike]] = None, *,
                     dynamic_batch: bool = True) -> Any:
     """Lower the quantized ``qmodel`` (see the module docstring) and convert it to an ``ov.Model``.
@@ -161,7 +167,10 @@ def export_openvino(qmodel: nn.Module, example_input: Any, path: Optional[Union[
     ov = _ov()
     args, kwargs = _example_args(example_input)
     lowered = lower(qmodel).eval()
-    shapes = _dynamic_batch(args, kwargs) if dynamic_batch else None
+    shapes = None
+    if dynamic_batch:
+        args, kwargs = tuple(_batch_of_two(a) for a in args), {k: _batch_of_two(v) for k, v in kwargs.items()}
+        shapes = _dynamic_batch(args, kwargs)
     with torch.no_grad():
         exported = torch.export.export(lowered, args, kwargs or None, dynamic_shapes=shapes)
     ov_model = ov.convert_model(exported, extension=conversion_extensions())
@@ -198,26 +207,32 @@ def compile_openvino(model: Any, device: str = "CPU", config: Optional[dict] = N
 
 
 def int8_report(compiled: Any) -> list[dict]:
-    """Every GEMM of the compiled model as the plugin runs it: {"name", "type", "precision"}, from
-    ``compiled.get_runtime_model()`` (layerType / runtimePrecision), in execution order."""
+    """Every GEMM of the compiled model as the plugin runs it, in execution order, from
+    ``compiled.get_runtime_model()``: {"name", "type" (layerType), "precision" (runtimePrecision),
+    "primitive" (the kernel, e.g. brgemm_avx512_I8), "int8"}. ``int8`` is True when the kernel is an
+    integer one and its activation input is u8 / i8: runtimePrecision alone says i8 also for a float GEMM
+    that decompresses i8 weights."""
     rows = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer_type = info["layerType"].astype(str)
         if layer_type in GEMM_TYPES:
+            primitive = info["primitiveType"].astype(str) if "primitiveType" in info else ""
+            activation = str(op.input(0).get_element_type()) if op.get_input_size() else ""
+            int8 = primitive.lower().endswith(("_i8", "_u8")) and activation in ("<Type: 'uint8_t'>", "<Type: 'int8_t'>")
             rows.append({"name": op.get_friendly_name(), "type": layer_type,
-                         "precision": info["runtimePrecision"].astype(str)})
+                         "precision": info["runtimePrecision"].astype(str), "primitive": primitive, "int8": int8})
     return rows
 
 
 def check_int8(compiled: Any, allow: tuple[str, ...] = ()) -> list[dict]:
     """:func:`int8_report`, raising ValueError when a GEMM whose name contains none of ``allow`` does not run
-    u8 / i8 (e.g. allow=("head",) for a classifier left in float)."""
+    on an integer kernel (e.g. allow=("head",) for a classifier left in float)."""
     rows = int8_report(compiled)
     if not rows:
         raise ValueError("the compiled model has no FullyConnected / MatMul / Convolution layer")
-    bad = [r for r in rows if r["precision"] not in INT8_PRECISIONS and not any(a in r["name"] for a in allow)]
+    bad = [r for r in rows if not r["int8"] and not any(a in r["name"] for a in allow)]
     if bad:
-        listed = ", ".join(f"{r['name']} ({r['type']}, {r['precision']})" for r in bad[:8])
+        listed = ", ".join(f"{r['name']} ({r['type']}, {r['primitive'] or r['precision']})" for r in bad[:8])
         raise ValueError(f"{len(bad)} of {len(rows)} GEMMs do not run INT8: {listed}")
     return rows
