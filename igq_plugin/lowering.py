@@ -16,8 +16,8 @@ torch.ao lowering) recognise and run on integer kernels:
   4-bit weight is a 256-level i8 weight whose codes use 16 levels), else as u8 with the per-channel
   zero points.
 * Q, K, V operands: their quantizer, then a signed re-coding (zero point 0 in i8) when the groups
-  lie on a signed 8-bit grid (``IGQConfig(act_grid=...)`` fits them so), so both matmul inputs
-  are INT8.
+  lie on a signed 8-bit grid (``IGQConfig(act_grid=...)`` fits them so; 4-bit layer-wise operands
+  always do), so both matmul inputs are INT8. Heads of fewer than 16 channels keep Q K^T in float.
 * Post-softmax rows (uniform levels): the row-group codes as one u8 tensor times the per-row scale,
   which the backend moves past the P V matmul, so it runs INT8 (other levels stay float).
 
@@ -40,24 +40,27 @@ from torch import nn
 
 from . import ops
 from .modules import ActQuantizer, SoftmaxQuantizer
-from .registry import sites
+from .registry import clear_sites, sites
 
 __all__ = ["lower", "lowering_report", "SiteLowering", "LoweredLinear", "LoweredConv2d"]
 
 logger = logging.getLogger("igq_plugin")
 
 LOWERING_ATTR = "igq_lowering"  # list of SiteLowering on the lowered model
+MIN_INT8_REDUCTION = 16  # an activation x activation int8 matmul needs at least this reduction length
 
 
 @dataclass(frozen=True)
 class SiteLowering:
-    """How one site was lowered: its grid (None: a site whose quantized values stay float, e.g.
-    post-softmax rows), and how many GEMMs its consumer runs (0: not a weighted layer's input)."""
+    """How one site was lowered: its grid (None for post-softmax rows), how many GEMMs its weighted
+    layer runs (0: an attention operand or softmax site), and whether the matmul it feeds gets an
+    integer input (``integer``; False: the backend runs that matmul in float)."""
 
     site: str
     kind: str
     grid: Optional[ops.Grid]
     gemms: int
+    integer: bool = True
 
 
 def _recode(x: torch.Tensor, grid: ops.Grid, signed: bool = False) -> torch.Tensor:
@@ -259,13 +262,16 @@ def lower(model: nn.Module) -> nn.Module:
         quantizer = site.quantizer
         if isinstance(quantizer, SoftmaxQuantizer):
             replace.setdefault(id(quantizer), _as_lowered(quantizer, _LoweredSoftmaxQuantizer))
-            report.append(SiteLowering(site.name, site.kind, None, 0))
+            report.append(SiteLowering(site.name, site.kind, None, 0, integer=quantizer.levels == "uniform"))
             continue
         grid = _grid(quantizer)
         new_quantizer = replace.setdefault(id(quantizer), _as_lowered(quantizer, _LoweredActQuantizer))
         if site.kind == "matmul_operand":
-            new_quantizer.signed_grid = _signed_grid(grid)
-            report.append(SiteLowering(site.name, site.kind, grid, 0))
+            # OpenVINO's CPU plugin crashes on an int8 matmul of two activations reducing over < 16
+            # (measured, 2026.4): small heads keep Q K^T in float
+            small_head = site.info.get("operand") in ("q", "k") and site.info.get("head_dim", 16) < MIN_INT8_REDUCTION
+            new_quantizer.signed_grid = None if small_head else _signed_grid(grid)
+            report.append(SiteLowering(site.name, site.kind, grid, 0, integer=new_quantizer.signed_grid is not None))
             continue
         layer = site.weight_quantizer
         if layer is None or id(layer) not in names:
@@ -288,6 +294,8 @@ def lower(model: nn.Module) -> nn.Module:
     # A deployment copy: no parameter trains. (torch's fake-quant ops trace to their mask-saving
     # variants, which have no export kernels, when their input requires grad.)
     lowered.requires_grad_(False)
+    for module in lowered.modules():  # the registry names the replaced modules: the lowered model has none
+        clear_sites(module)
     lowered.__dict__[LOWERING_ATTR] = report
     inexact = [r.site for r in report if r.grid is not None and not r.grid.exact]
     if inexact:

@@ -246,3 +246,20 @@ def test_export_errors_are_clear(w4a4, tmp_path):
         export_openvino(w4a4, _images(2), tmp_path / "model.bin")
     with pytest.raises(TypeError, match="example_input"):
         export_openvino(w4a4, 3)
+
+
+def test_small_heads_keep_q_k_matmul_in_float():
+    """The CPU plugin crashes on an int8 activation x activation matmul reducing over < 16 channels."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=1, img_size=64,
+                          patch_size=16, embed_dim=48, num_heads=6).eval()  # head_dim 8
+    m.blocks[0].attn.fused_attn = False
+    x = _images(8)
+    q = igq.quantize(m, igq.IGQConfig(act_grid=8), x, progress=False)
+    report = {r.site.rsplit(".", 1)[-1]: r.integer for r in lowering_report(lower(q)) if r.kind != "linear_input"}
+    assert report["q_quantizer"] is False and report["k_quantizer"] is False and report["v_quantizer"] is True
+    compiled = compile_openvino(export_openvino(q, x[:2]))
+    matmuls = [r["int8"] for r in int8_report(compiled) if r["type"] == "MatMul"]
+    assert matmuls == [False, True]  # Q K^T float, P V (reduction over 17 tokens) INT8
+    out, ref = compiled(x.numpy())[0], _fq(q, x)
+    assert np.abs(out - ref).max() < 1e-4
