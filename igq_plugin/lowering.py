@@ -20,6 +20,10 @@ torch.ao lowering) recognise and run on integer kernels:
   always do), so both matmul inputs are INT8. Heads of fewer than 16 channels keep Q K^T in float.
 * Post-softmax rows (uniform levels): the row-group codes as one u8 tensor times the per-row scale,
   which the backend moves past the P V matmul, so it runs INT8 (other levels stay float).
+* A per-tensor model (every site one group, e.g. ``act_scheme="layer"``): plain static FakeQuantizes,
+  the standard INT8 graph (OpenVINO then fuses each attention into one INT8 kernel). They round a
+  rare element apart from torch's arithmetic; with any grouped site the exact arithmetic is kept,
+  because a last-bit difference upstream can flip an Eq. 5 assignment.
 
 Sites whose groups are not on one grid (``act_grid=None``) are re-coded onto the finest 16-bit
 grid, which rounds again by at most half its step (:func:`lowering_report` lists them); the result
@@ -130,8 +134,8 @@ class _LoweredWeight(nn.Module):
             x = self.input_quantizer(x)
         x = x.float()
         w = self.quantized_weight()
-        if self.grid is None:
-            out = op(x, w, self.bias)
+        if self.grid is None or getattr(self.input_quantizer, "single", None) is not None:
+            out = op(x, w, self.bias)  # the input quantizer is this grid's FakeQuantize itself
         elif self.grid.span <= 255:
             out = op(_recode(x, self.grid), w, self.bias)
         else:
@@ -194,16 +198,36 @@ class LoweredConv2d(_LoweredWeight):
         return self._run(x, self._conv)
 
 
+def _single_fq(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, signed: bool = False) -> Optional[tuple]:
+    """(scale, zero point, qmin, qmax) of the one static per-tensor FakeQuantize that equals a one-group
+    quantizer (torch's fake-quant arithmetic; ties may round apart), or None with several groups.
+    Signed: the i8 form, only when the zero point is mid-range (an 8-bit operand on a signed grid)."""
+    if group_lo.numel() != 1:
+        return None
+    scale, zero = ops.asym_qparams(group_lo.detach().float(), group_hi.detach().float(), bits)
+    scale, zero = float(scale), int(zero)
+    top = 2**bits - 1
+    if not signed:
+        return scale, zero, 0, top
+    if bits == 8 and zero == 128:
+        return scale, 0, -128, 127
+    return None
+
+
 class _LoweredActQuantizer(ActQuantizer):
     """An ActQuantizer whose forward is the core's reference arithmetic in plain aten ops (no igq op),
-    optionally followed by a signed re-coding (attention operands)."""
+    optionally followed by a signed re-coding (attention operands). A one-group (layer-wise) site is one
+    static FakeQuantize, as any per-tensor INT8 model has."""
 
     signed_grid: Optional[ops.Grid] = None
+    single: Optional[tuple] = None  # (scale, zero point, qmin, qmax) of a one-group site
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._require_calibrated()
         if self.scheme == "channel":
             raise RuntimeError(f"site '{self.site}' uses static per-channel ranges: not deployable")
+        if self.single is not None:
+            return ops.grid_fake_quantize(x.float(), *self.single).to(x.dtype)
         out = ops.group_fake_quantize_reference(x, self.lo, self.hi, self.bits, self.instance_dims)
         if self.signed_grid is not None:
             out = _recode(out.float(), self.signed_grid, signed=True).to(x.dtype)
@@ -212,13 +236,17 @@ class _LoweredActQuantizer(ActQuantizer):
 
 class _LoweredSoftmaxQuantizer(SoftmaxQuantizer):
     """Uniform row groups as ``row_scale * codes``, the codes one u8 tensor (zero point 0): a backend
-    moves the per-row scale past the P V matmul (diag(s) P V = diag(s) (P V)) and runs it INT8.
-    Other levels: the core's reference arithmetic (the matmul stays float)."""
+    moves the per-row scale past the P V matmul (diag(s) P V = diag(s) (P V)) and runs it INT8; one
+    group is a plain FakeQuantize. Other levels: the core's reference arithmetic (the matmul stays float)."""
+
+    single: Optional[tuple] = None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         self._require_calibrated()
         if self.levels != "uniform":
             return ops.softmax_group_fake_quantize_reference(a, self.hi, self.bits, self.levels, self.steepness)
+        if self.single is not None:  # one static quantizer on [0, u]: a plain FakeQuantize
+            return ops.grid_fake_quantize(a.float(), *self.single).to(a.dtype)
         codes, _, row_scale = ops.softmax_group_quantize(a, self.hi, self.bits, self.levels, self.steepness)
         return (ops.grid_fake_quantize(codes, 1.0, 0, 0, 255) * row_scale).to(a.dtype)
 
@@ -254,6 +282,11 @@ def lower(model: nn.Module) -> nn.Module:
     for site in found:
         if not getattr(site.quantizer, "is_calibrated", False):
             raise ValueError(f"site '{site.name}' is not calibrated: calibrate and convert the model before lowering")
+    # A per-tensor model (every site one group) gets plain FakeQuantizes: the standard INT8 graph. Their
+    # arithmetic rounds a rare element apart from torch's (x * (1/s) vs x / s), which is harmless there,
+    # but would flip IGQ assignments downstream (Eq. 5 is discontinuous): with any grouped site every
+    # quantizer keeps the core's exact arithmetic.
+    plain = all(getattr(s.quantizer, "num_groups", 1) == 1 for s in found)
     lowered = copy.deepcopy(model)
     names = {id(m): n for n, m in lowered.named_modules()}
     replace: dict[int, nn.Module] = {}  # id(original module in the copy) -> replacement
@@ -261,7 +294,10 @@ def lower(model: nn.Module) -> nn.Module:
     for site in sites(lowered):
         quantizer = site.quantizer
         if isinstance(quantizer, SoftmaxQuantizer):
-            replace.setdefault(id(quantizer), _as_lowered(quantizer, _LoweredSoftmaxQuantizer))
+            new_softmax = replace.setdefault(id(quantizer), _as_lowered(quantizer, _LoweredSoftmaxQuantizer))
+            if plain and quantizer.levels == "uniform":
+                scale = float(ops.softmax_row_scale("uniform", quantizer.hi.detach().float(), quantizer.bits)[0])
+                new_softmax.single = (scale, 0, 0, 2**quantizer.bits - 1)
             report.append(SiteLowering(site.name, site.kind, None, 0, integer=quantizer.levels == "uniform"))
             continue
         grid = _grid(quantizer)
@@ -271,8 +307,12 @@ def lower(model: nn.Module) -> nn.Module:
             # (measured, 2026.4): small heads keep Q K^T in float
             small_head = site.info.get("operand") in ("q", "k") and site.info.get("head_dim", 16) < MIN_INT8_REDUCTION
             new_quantizer.signed_grid = None if small_head else _signed_grid(grid)
+            if plain and new_quantizer.signed_grid is not None:
+                new_quantizer.single = _single_fq(quantizer.lo, quantizer.hi, quantizer.bits, signed=True)
             report.append(SiteLowering(site.name, site.kind, grid, 0, integer=new_quantizer.signed_grid is not None))
             continue
+        if plain and quantizer.bits == 8:  # the consumer's re-coding is this same quantizer: one FakeQuantize
+            new_quantizer.single = _single_fq(quantizer.lo, quantizer.hi, quantizer.bits)
         layer = site.weight_quantizer
         if layer is None or id(layer) not in names:
             raise ValueError(f"site '{site.name}' feeds no weighted layer of the model: cannot lower it")

@@ -263,3 +263,16 @@ def test_small_heads_keep_q_k_matmul_in_float():
     assert matmuls == [False, True]  # Q K^T float, P V (reduction over 17 tokens) INT8
     out, ref = compiled(x.numpy())[0], _fq(q, x)
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_per_tensor_model_is_the_standard_int8_graph():
+    """Every site one group: plain FakeQuantizes (no assignment ops), every GEMM INT8, outputs close."""
+    x = _images(16)
+    q = igq.quantize(_vit(1), igq.IGQConfig(weight_bits=8, act_bits=8, act_scheme="layer", act_grid=8), x,
+                     progress=False)
+    ov_model = export_openvino(q, x[:2])
+    assert not {"TopK", "ReduceMin"} & {op.get_type_name() for op in ov_model.get_ordered_ops()}
+    compiled = compile_openvino(ov_model)
+    check_int8(compiled)
+    out, ref = compiled(x[:4].numpy())[0], _fq(q, x[:4])
+    assert ops.cosine(torch.from_numpy(out), torch.from_numpy(ref)) >= 0.999
