@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .ops.grid import GRID_BITS
 from .config import (
     ACT_SCHEMES, REPARAMS, SENSITIVITY_METRICS, SOFTMAX_QUANTIZERS, WEIGHT_CLIPPINGS, WEIGHT_ROUNDINGS, IGQConfig,
 )
@@ -43,6 +44,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tanq-steepness", type=float, help="kappa of --softmax-quantizer tanq")
     g.add_argument("--reparam", choices=[r for r in REPARAMS if r] + ["none"],
                    help="fold post-LayerNorm channel scales (RepQ-ViT); none switches a preset's off")
+    g.add_argument("--act-grid", type=int, choices=GRID_BITS,
+                   help="fit group ranges onto one integer grid: 8 (one INT8 GEMM per Linear) or 16 (two); "
+                        "what OpenVINO deployment needs")
     g.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, help="per-channel weight ranges (default percentile)")
     g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, help="weight rounding (default nearest; gptq: GPTQ)")
     g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
@@ -65,7 +69,7 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
         "weight_bits": args.w_bits, "act_bits": args.a_bits, "num_groups": args.groups,
         "act_scheme": args.scheme, "softmax_groups": args.softmax_groups,
         "softmax_quantizer": args.softmax_quantizer, "tanq_steepness": args.tanq_steepness, "reparam": args.reparam,
-        "weight_clipping": args.weight_clipping, "weight_rounding": args.weight_rounding,
+        "weight_clipping": args.weight_clipping, "weight_rounding": args.weight_rounding, "act_grid": args.act_grid,
         "skip": tuple(args.skip) if args.skip else None,
         "group_allocation": args.group_allocation, "bop_budget": args.bop_budget,
         "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,

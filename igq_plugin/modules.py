@@ -136,6 +136,9 @@ class ActQuantizer(_Quantizer):
     scheme "channel": a static range per channel (buffers [C]).
     scheme "igq": G static group ranges (buffers [G]); every instance assigns each channel to
         the nearest group (paper Eq. 5) and is quantized with that group's range.
+    grid_bits (8 or 16; ``IGQConfig.act_grid``): fitted ranges are moved onto one common integer grid
+        of that many bits (igq_plugin.ops.grid), signed with ``grid_signed`` (attention operands), so
+        the site deploys as one (8) or two (16) standard INT8 GEMMs (igq_plugin.lowering).
     """
 
     def __init__(
@@ -291,7 +294,8 @@ class ActQuantizer(_Quantizer):
         return ops.fake_quantize(x.float(), scale.float(), zero_point.float(), qmin, qmax).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, bits={self.bits}, scheme={self.scheme}, groups={self.num_groups}"
+        grid = "" if self.grid_bits is None else f", grid_bits={self.grid_bits}{' signed' if self.grid_signed else ''}"
+        return f"site={self.site!r}, bits={self.bits}, scheme={self.scheme}, groups={self.num_groups}{grid}"
 
 
 def note_group_clamp(site: str, channels: int, num_groups: int) -> None:

@@ -244,6 +244,8 @@ def test_importing_igq_plugin_does_not_load_openvino():
 def test_export_errors_are_clear(w4a4, tmp_path):
     with pytest.raises(ValueError, match=r"\.xml"):
         export_openvino(w4a4, _images(2), tmp_path / "model.bin")
+    with pytest.raises(ValueError, match="does not exist"):
+        export_openvino(w4a4, _images(2), tmp_path / "missing" / "model.xml")
     with pytest.raises(TypeError, match="example_input"):
         export_openvino(w4a4, 3)
 
@@ -276,3 +278,15 @@ def test_per_tensor_model_is_the_standard_int8_graph():
     check_int8(compiled)
     out, ref = compiled(x[:4].numpy())[0], _fq(q, x[:4])
     assert ops.cosine(torch.from_numpy(out), torch.from_numpy(ref)) >= 0.999
+
+
+def test_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- readme-example: openvino -->\n```python\n(.*?)```", text, re.S)
+    assert match, "README lost its openvino example"
+    scope: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), scope)
+    assert len(scope["rows"]) == 1 + 2 * 6 + 1 and scope["logits"].shape == (4, 10)

@@ -37,8 +37,8 @@ from igq_plugin.lowering import lower, lowering_report
 
 from .. import require
 
-__all__ = ["export_openvino", "compile_openvino", "conversion_extensions", "int8_report", "check_int8", "REQUIRED_CONFIG", "GEMM_TYPES",
-           "lower", "lowering_report"]
+__all__ = ["export_openvino", "compile_openvino", "conversion_extensions", "int8_report", "check_int8",
+           "REQUIRED_CONFIG", "GEMM_TYPES", "lower", "lowering_report"]
 
 REQUIRED_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}  # IGQ's assignment must not run in bf16 / f16
 GEMM_TYPES = ("FullyConnected", "MatMul", "Convolution")
@@ -165,6 +165,12 @@ def export_openvino(qmodel: nn.Module, example_input: Any, path: Optional[Union[
     The user's model is not modified.
     """
     ov = _ov()
+    if path is not None:  # checked before the work
+        path = os.fspath(path)
+        if not path.endswith(".xml"):
+            raise ValueError(f"path must name the .xml file of the OpenVINO IR (its .bin goes next to it), got {path!r}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"the directory of path {path!r} does not exist")
     args, kwargs = _example_args(example_input)
     lowered = lower(qmodel).eval()
     shapes = None
@@ -182,9 +188,6 @@ def export_openvino(qmodel: nn.Module, example_input: Any, path: Optional[Union[
     ov_model.set_rt_info(str(sum(1 for r in report if r.grid is not None and not r.grid.exact)),
                          ["igq", "inexact_grid_sites"])
     if path is not None:
-        path = os.fspath(path)
-        if not path.endswith(".xml"):
-            raise ValueError(f"path must name the .xml file of the OpenVINO IR (its .bin goes next to it), got {path!r}")
         ov.save_model(ov_model, path, compress_to_fp16=False)
     return ov_model
 
