@@ -102,8 +102,8 @@ class IGQConfig:
             integer grid of that many bits (group steps whole multiples of one base step, igq_plugin.ops.grid),
             so the deployed layer is one (8) or two (16) standard u8 x i8 GEMMs on the CPU
             (igq_plugin.integrations.openvino). Q, K, V operands get a signed grid (zero point 0 in the
-            matmul). 8 needs act_bits <= 7. None: unconstrained groups; export then re-codes them onto
-            an approximate 16-bit grid.
+            matmul; 8-bit Q/K/V groups then share one symmetric range). 8 needs act_bits <= 7 (or one
+            group). None: unconstrained groups; export then re-codes them onto an approximate 16-bit grid.
     Weights
         weight_clipping: "percentile" (default; ``weight_percentile``) or "mse": per output channel, the
             clipping range minimizing the channel's squared rounding error (igq_plugin.ops.mse_weight_qparams).
@@ -209,7 +209,8 @@ class IGQConfig:
             if self.act_scheme == "channel":
                 raise ValueError("act_grid needs act_scheme 'igq' or 'layer': static per-channel ranges are a "
                                  "reference, not deployed")
-            if not grid_feasible(self.act_bits, self.act_grid, groups=1 if self.act_scheme == "layer" else 2):
+            one_group = self.act_scheme == "layer" or self.num_groups == 1
+            if not grid_feasible(self.act_bits, self.act_grid, groups=1 if one_group else 2):
                 raise ValueError(f"act_grid={self.act_grid} cannot hold {self.act_bits}-bit groups: use act_grid=16 "
                                  "(two GEMMs) or act_bits <= 7")
         _check_choice(self.weight_clipping, "weight_clipping", WEIGHT_CLIPPINGS)
@@ -250,6 +251,10 @@ class IGQConfig:
         if self.group_allocation is not None and self.act_scheme != "igq":
             raise ValueError(f"group_allocation={self.group_allocation!r} chooses IGQ group counts: it needs "
                              f"act_scheme='igq', got act_scheme={self.act_scheme!r}")
+        if self.act_grid is not None and self.act_bits == 8 and self.matmul_scheme == "igq" and self.quantize_attention:
+            warnings.warn("IGQConfig: act_grid with 8-bit Q/K/V groups: an INT8 matmul of two activations needs a "
+                          "signed 8-bit grid, on which 8-bit groups all become one symmetric range "
+                          "(matmul_scheme='igq' then acts as 'layer')", UserWarning, stacklevel=3)
         for message in self._ignored_fields():
             warnings.warn(f"IGQConfig: {message}", UserWarning, stacklevel=3)
 

@@ -20,10 +20,13 @@ torch.ao lowering) recognise and run on integer kernels:
   always do), so both matmul inputs are INT8. Heads of fewer than 16 channels keep Q K^T in float.
 * Post-softmax rows (uniform levels): the row-group codes as one u8 tensor times the per-row scale,
   which the backend moves past the P V matmul, so it runs INT8 (other levels stay float).
-* A per-tensor model (every site one group, e.g. ``act_scheme="layer"``): plain static FakeQuantizes,
-  the standard INT8 graph (OpenVINO then fuses each attention into one INT8 kernel). They round a
-  rare element apart from torch's arithmetic; with any grouped site the exact arithmetic is kept,
-  because a last-bit difference upstream can flip an Eq. 5 assignment.
+* A per-tensor model (every site one group, e.g. ``act_scheme="layer"``): its 8-bit sites (and uniform
+  post-softmax) are plain static FakeQuantizes, the standard INT8 graph (OpenVINO then fuses each
+  attention into one INT8 kernel); sites of fewer bits keep the quantize-dequantize ops before their
+  re-coding. Plain FakeQuantizes round a rare element apart from torch's arithmetic; with any grouped
+  site the exact arithmetic is kept, because a last-bit difference upstream can flip an Eq. 5 assignment.
+* Ranges learned after calibration (QAT) are not snapped again: such a model lowers onto the approximate
+  16-bit grid unless its ranges are refitted with ``act_grid``.
 
 Sites whose groups are not on one grid (``act_grid=None``) are re-coded onto the finest 16-bit
 grid, which rounds again by at most half its step (:func:`lowering_report` lists them); the result
@@ -76,7 +79,7 @@ def _recode(x: torch.Tensor, grid: ops.Grid, signed: bool = False) -> torch.Tens
 
 def _byte_split(x: torch.Tensor, grid: ops.Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """x = s0 * (vmin + 256 h + l): the low and high bytes as per-tensor quantized tensors (offset excluded)."""
-    u = torch.round(x / grid.step) - grid.vmin
+    u = (torch.round(x / grid.step) - grid.vmin).clamp(0, grid.span)
     high = torch.floor(u / 256.0)
     low = u - 256.0 * high
     return (ops.grid_fake_quantize(low * grid.step, grid.step, 0, 0, 255),
@@ -282,6 +285,13 @@ def lower(model: nn.Module) -> nn.Module:
     for site in found:
         if not getattr(site.quantizer, "is_calibrated", False):
             raise ValueError(f"site '{site.name}' is not calibrated: calibrate and convert the model before lowering")
+        if not getattr(site.quantizer, "fake_quant_enabled", True):
+            raise ValueError(f"site '{site.name}' has fake quantization disabled: enable it (igq.enable_fake_quant) "
+                             "before lowering, or skip the layer in the config")
+        layer = site.weight_quantizer
+        if layer is not None and not (layer.weight_is_calibrated and layer.weight_fake_quant_enabled):
+            raise ValueError(f"the weights of '{site.consumer}' are not quantized (uncalibrated or fake quant "
+                             "disabled): convert the model before lowering")
     # A per-tensor model (every site one group) gets plain FakeQuantizes: the standard INT8 graph. Their
     # arithmetic rounds a rare element apart from torch's (x * (1/s) vs x / s), which is harmless there,
     # but would flip IGQ assignments downstream (Eq. 5 is discontinuous): with any grouped site every

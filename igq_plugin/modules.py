@@ -162,10 +162,12 @@ class ActQuantizer(_Quantizer):
             if scheme == "channel":
                 raise ValueError(f"site '{site}': a common grid (grid_bits={grid_bits}) needs scheme 'igq' or "
                                  "'layer'; static per-channel ranges are a reference, not deployed")
-            groups = 1 if scheme == "layer" else 2
-            if grid_bits not in ops.GRID_BITS or not ops.grid_feasible(bits, grid_bits, grid_signed, groups):
-                raise ValueError(f"site '{site}': grid_bits must be one of {ops.GRID_BITS} and hold {bits}-bit "
-                                 f"groups, got {grid_bits!r}")
+            groups = 1 if scheme == "layer" or num_groups == 1 else 2
+            if grid_bits not in ops.GRID_BITS:
+                raise ValueError(f"site '{site}': grid_bits must be one of {ops.GRID_BITS}, got {grid_bits!r}")
+            if not ops.grid_feasible(bits, grid_bits, grid_signed, groups):
+                raise ValueError(f"site '{site}': {bits}-bit groups do not fit a {grid_bits}-bit common grid "
+                                 "(use 16 bits, or at most 7-bit activations)")
         # Fitted group ranges are moved onto one common integer grid of this many bits (ops.grid): what
         # a deployment on standard INT8 GEMMs needs. Signed: the grid is centred (attention operands).
         self.grid_bits = grid_bits

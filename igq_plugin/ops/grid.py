@@ -130,12 +130,15 @@ def snap_to_grid(
 def grid_of(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, *, tol: float = 1e-3,
             max_bits: int = 16) -> Grid:
     """The integer grid of a site's groups, for lowering: exact when every group step is a whole
-    multiple (within ``tol``) of one base step s_min / m; otherwise the finest grid of at most ``max_bits``
-    (``exact=False``: re-coding onto it rounds again, by at most half its step).
+    multiple of one base step s_min / m, closely enough that re-coding moves no value by more than
+    ``tol`` of its group's step (float32 qparams make snapped steps whole multiples only to ~1e-7);
+    otherwise the finest grid of at most
+    ``max_bits`` (``exact=False``: re-coding onto it rounds again, by at most half its step).
     The qparams are those the igq ops use (float32)."""
     scale, zero_point = asym_qparams(group_lo.detach().float(), group_hi.detach().float(), bits)
     s, z = scale.double(), zero_point.double()
     levels = 2**bits - 1
+    reach = torch.maximum(z, levels - z).clamp_min(1.0)  # the largest |q - z| of each group
     s_min = float(s.min())
     cap = 2**max_bits - 1
     for m in range(1, cap + 1):
@@ -144,10 +147,13 @@ def grid_of(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, *, tol: f
         vmin, vmax = int((-k * z).min()), int((k * (levels - z)).max())
         if vmax - vmin > cap:
             break
-        if bool(((ratio - k).abs() <= tol).all()):
+        moved = (ratio - k).abs() * reach  # grid steps a group's largest code moves by when re-coded
+        if bool((moved <= 0.1).all()) and bool((moved / ratio <= tol).all()):
             return Grid(s_min / m, vmin, vmax, exact=True)
-    # Not on one grid: the finest step whose span fits max_bits.
-    span = float(((s * (levels - z)).max() + (s * z).max()))
-    step = span / cap * (1 + 1e-6)
-    return Grid(step, int(math.floor(float((-s * z).min()) / step)), int(math.ceil(float((s * (levels - z)).max()) / step)),
-                exact=False)
+    # Not on one grid: the finest step whose span (rounded outward) fits max_bits.
+    lo, hi = float((-s * z).min()), float((s * (levels - z)).max())
+    step = (hi - lo) / (cap - 2)
+    vmin, vmax = int(math.floor(lo / step)), int(math.ceil(hi / step))
+    if vmax - vmin > cap:  # cannot happen: the span is at most cap - 2 steps before rounding outward
+        raise AssertionError(f"grid span {vmax - vmin} exceeds {cap}")
+    return Grid(step, vmin, vmax, exact=False)

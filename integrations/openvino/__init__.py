@@ -16,12 +16,14 @@ pt2e, transformers: all register theirs) as the patterns OpenVINO's low-precisio
 run on INT8 kernels: the per-instance group assignment and group quantization in float32 ops,
 then one static per-tensor FakeQuantize on the site's common integer grid feeding the GEMM, and
 per-channel FakeQuantize on constant weights. ``torch.export`` records the lowered model and
-``ov.convert_model`` converts it (no custom ops). With ``IGQConfig(act_grid=8)`` an IGQ Linear is
-one u8 x i8 FullyConnected; ``act_grid=16`` (or 8-bit activations) two (high and low byte).
+``ov.convert_model`` converts it (a conversion extension turns the one new op, igq::grid_fake_quant,
+into a FakeQuantize). With ``IGQConfig(act_grid=8)`` an IGQ Linear is one u8 x i8 FullyConnected;
+``act_grid=16`` (8-bit groups) two (high and low byte); a one-group 8-bit site one.
 
 Precision: the assignment (per-instance channel min/max, distances to the group ranges, TopK)
 must run in float32. Under bf16 inference precision (the CPU plugin's default where the CPU has
-bf16) the distances round and channels go to the wrong group (1-21% relative error measured), so
+bf16) the distances round and channels go to the wrong group (12-22% relative output error measured on
+small ViTs), so
 :func:`compile_openvino` sets ``INFERENCE_PRECISION_HINT=f32``, and the exported model records the
 same hint in its rt_info (``runtime_options``) for tools that read it. The GEMMs run INT8 either way.
 """
@@ -62,7 +64,7 @@ def _grid_fake_quant_converter(ctx):
     return [ops_ov.fake_quantize(x, lo_c, hi_c, lo_c, hi_c, qmax - qmin + 1).output(0)]
 
 
-_SHAPE_OPS = ("Reshape", "Broadcast", "Convert")  # between the quantized probabilities and the P V matmul
+_SHAPE_OPS = ("Reshape", "Broadcast", "Convert")  # Broadcast: torch's expand of P to its own shape  # between the quantized probabilities and the P V matmul
 
 
 def _row_scaled_codes(matmul) -> Optional[tuple]:
@@ -71,6 +73,8 @@ def _row_scaled_codes(matmul) -> Optional[tuple]:
     node = matmul.input_value(0).get_node()
     head = matmul.input(0)
     while node.get_type_name() in _SHAPE_OPS:
+        if len(node.output(0).get_target_inputs()) != 1:
+            return None  # the chain feeds something else too: it must keep the scaled values
         head = node.input(0)
         node = node.input_value(0).get_node()
     if node.get_type_name() != "Multiply":
@@ -79,10 +83,12 @@ def _row_scaled_codes(matmul) -> Optional[tuple]:
     fq = [v for v in values if v.get_node().get_type_name() == "FakeQuantize"]
     if len(fq) != 1 or int(fq[0].get_node().get_attributes()["levels"]) != 256:
         return None
+    if len(node.output(0).get_target_inputs()) != 1:
+        return None  # the scaled probabilities are used elsewhere too
     scale = values[1] if values[0] is fq[0] or values[0] == fq[0] else values[0]
     shape = scale.get_partial_shape()
-    if shape.rank.is_dynamic or not shape[shape.rank.get_length() - 1].is_static or \
-            shape[shape.rank.get_length() - 1].get_length() != 1:
+    if shape.rank.is_dynamic or shape.rank.get_length() < 2 or not shape[shape.rank.get_length() - 1].is_static \
+            or shape[shape.rank.get_length() - 1].get_length() != 1:
         return None  # not one factor per row
     return head, fq[0], scale
 
