@@ -106,6 +106,19 @@ class ChannelRangeObserver:
         self._lo.append(lo.float().cpu())
         self._hi.append(hi.float().cpu())
 
+    def add_ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Record per-instance channel ranges [instances, C] computed elsewhere (what :meth:`observe` computes,
+        e.g. by an NNCF statistic collector). Only for this class: sampling observers need the values."""
+        if type(self) is not ChannelRangeObserver:
+            raise TypeError(f"site '{self.site}': a {type(self).__name__} needs the activations, not their ranges")
+        if lo.shape != hi.shape or lo.dim() != 2:
+            raise ValueError(f"site '{self.site}': ranges must both be [instances, C]; got {tuple(lo.shape)} and "
+                             f"{tuple(hi.shape)}")
+        for t in (lo, hi):
+            _check_finite(t, self.site)
+        self._lo.append(lo.detach().float().cpu())
+        self._hi.append(hi.detach().float().cpu())
+
     @property
     def num_instances(self) -> int:
         return sum(t.shape[0] for t in self._lo)

@@ -154,7 +154,8 @@ class LoweredLinear(_LoweredWeight):
 
     def __init__(self, module: nn.Module, input_quantizer: Optional[nn.Module], grid: Optional[ops.Grid]) -> None:
         super().__init__()
-        self.in_features, self.out_features = module.in_features, module.out_features
+        linear = getattr(module, "quantized_layer", None) or module  # a WeightQuantizer: its layer has the sizes
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self._init_weight(module, input_quantizer, grid)
         if grid is not None and grid.span > 255:
             # the split drops the offset from the GEMM inputs (the correction sums the whole input itself)
@@ -175,7 +176,8 @@ class LoweredConv2d(_LoweredWeight):
 
     def __init__(self, module: nn.Module, input_quantizer: Optional[nn.Module], grid: Optional[ops.Grid]) -> None:
         super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = module.stride, module.padding, module.dilation, module.groups
+        conv = getattr(module, "quantized_layer", None) or module  # a WeightQuantizer: its layer has the geometry
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self._init_weight(module, input_quantizer, grid)
         if grid is not None and grid.span > 255:
             raise ValueError("a convolution input needs a grid of at most 8 bits (it is layer-wise: always true "
@@ -326,10 +328,21 @@ def lower(model: nn.Module) -> nn.Module:
         layer = site.weight_quantizer
         if layer is None or id(layer) not in names:
             raise ValueError(f"site '{site.name}' feeds no weighted layer of the model: cannot lower it")
-        inner = getattr(layer, "input_quantizer", None) is quantizer
         cls = LoweredConv2d if site.kind == "conv_input" else LoweredLinear
-        # A quantizer outside its layer (a torch.ao FX graph runs it before the layer) stays where it is, lowered.
-        replace[id(layer)] = cls(layer, new_quantizer if inner else None, grid)
+        target = getattr(layer, "quantized_layer", None)
+        if target is not None:
+            # A WeightQuantizer applied where the layer uses its weight (NNCF hooks on the layer's op): the
+            # float layer becomes the lowered one, with the input quantizer inside (the hooks on its op would
+            # otherwise run after the re-coding), and both hooks pass their tensors through.
+            if id(target) not in names:
+                raise ValueError(f"the layer of site '{site.name}' is not part of the model: cannot lower it")
+            replace[id(target)] = cls(layer, new_quantizer, grid)
+            replace[id(layer)] = nn.Identity()
+            replace[id(quantizer)] = nn.Identity()
+        else:
+            inner = getattr(layer, "input_quantizer", None) is quantizer
+            # A quantizer outside its layer (a torch.ao FX graph runs it before the layer) stays where it is, lowered.
+            replace[id(layer)] = cls(layer, new_quantizer if inner else None, grid)
         report.append(SiteLowering(site.name, site.kind, grid, 1 if grid.span <= 255 else 2))
     lowered_ids = set(replace)
     for module_id, new in replace.items():

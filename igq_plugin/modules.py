@@ -42,6 +42,7 @@ __all__ = [
     "SoftmaxQuantizer",
     "QuantLinear",
     "QuantConv2d",
+    "WeightQuantizer",
     "iter_quantizers",
     "enable_fake_quant",
     "disable_fake_quant",
@@ -523,6 +524,63 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}"
+
+
+class WeightQuantizer(_QuantWeightMixin, nn.Module):
+    """A layer's per-output-channel weight quantizer kept apart from the layer: ``forward(weight)`` returns
+    the fake-quantized weight. For graphs that quantize a weight where the layer uses it (NNCF function
+    hooks) instead of replacing the layer by a :class:`QuantLinear`.
+
+    It is a site's ``weight_quantizer`` (the weight-quantizer API of QuantLinear) once bound to its
+    layer with :meth:`bind` (the layer is referenced, not a submodule: it stays where it is in the
+    model); ``quantized_layer`` is that layer, which ``igq_plugin.lowering.lower`` replaces. Unbound
+    (e.g. just restored from a checkpoint) it still quantizes the weights it is given.
+    """
+
+    def __init__(self, out_channels: int, *, w_bits: int = 8, weight_percentile: float = 0.0,
+                 weight_clipping: str = "percentile") -> None:
+        super().__init__()
+        self._init_weight_quant(w_bits, out_channels, weight_percentile, weight_clipping)
+        self.__dict__["_layer"] = None
+        self.__dict__["_current"] = None  # the weight being quantized, during forward
+
+    def bind(self, layer: nn.Module) -> None:
+        """Quantize the weight of ``layer`` (a module with ``weight`` [O, ...] and ``bias``)."""
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.shape[0] != self.weight_scale.numel():
+            raise ValueError(f"cannot bind a weight quantizer of {self.weight_scale.numel()} output channels to "
+                             f"{type(layer).__name__} with weight {getattr(weight, 'shape', None)}")
+        self.__dict__["_layer"] = layer
+
+    @property
+    def quantized_layer(self) -> Optional[nn.Module]:
+        return self.__dict__["_layer"]
+
+    def _bound(self) -> nn.Module:
+        layer = self.__dict__["_layer"]
+        if layer is None:
+            raise RuntimeError("this WeightQuantizer is not bound to its layer: call bind(layer) (or the adapter's "
+                               "register_sites(model))")
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        current = self.__dict__["_current"]
+        return current if current is not None else self._bound().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._bound().bias
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self.__dict__["_current"] = weight
+        try:
+            return self.quantized_weight()
+        finally:
+            self.__dict__["_current"] = None
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.weight_scale.numel()}, w_bits={self.w_bits}"
 
 
 class QuantConv2d(_QuantWeightMixin, nn.Module):

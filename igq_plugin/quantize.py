@@ -33,7 +33,7 @@ from .registry import Site, clear_sites, order_sites, register_site, sites
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks", "LayerSettings",
            "layer_settings", "act_quantizer_kwargs", "quantized_layer", "calibrate_and_convert", "convert_site",
-           "weight_quant_kwargs", "attention_quantizer", "register_attention_sites", "matches"]
+           "weight_quant_kwargs", "attention_quantizer", "attention_quantizer_kwargs", "finish_quantization", "register_attention_sites", "matches"]
 
 logger = logging.getLogger("igq_plugin")
 
@@ -156,20 +156,27 @@ def weight_quant_kwargs(cfg: IGQConfig, w_bits: int) -> dict:
 ATTENTION_SITES = ("q", "k", "v", "softmax")
 
 
+def attention_quantizer_kwargs(cfg: IGQConfig, tag: str) -> dict:
+    """Keyword arguments (all but ``channels`` and ``site``) of the quantizer ``cfg`` gives attention site
+    ``tag`` (one of ATTENTION_SITES): a SoftmaxQuantizer's for "softmax", an ActQuantizer's otherwise."""
+    if tag == "softmax":
+        return dict(bits=cfg.effective_softmax_bits, num_groups=cfg.effective_softmax_groups, update=cfg.range_update,
+                    quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters, levels=cfg.softmax_quantizer,
+                    steepness=cfg.tanq_steepness)
+    if tag not in ATTENTION_SITES:
+        raise ValueError(f"attention site tag must be one of {ATTENTION_SITES}, got {tag!r}")
+    return act_quantizer_kwargs(cfg, cfg.act_bits, cfg.matmul_scheme, cfg.num_groups, operand=True)
+
+
 def attention_quantizer(cfg: IGQConfig, attention: str, tag: str, channels: Optional[int] = None) -> nn.Module:
     """The quantizer ``cfg`` gives site ``tag`` (one of ATTENTION_SITES) of the attention module (or
     scope) ``attention``: Q, K and V operands at act_bits / matmul_scheme over ``channels`` = H*d,
     post-softmax rows at the softmax bits, groups and levels. Every flow (igq.prepare, the adapters) asks this."""
     site = f"{attention}.{tag}_quantizer"
+    kwargs = attention_quantizer_kwargs(cfg, tag)
     if tag == "softmax":
-        return SoftmaxQuantizer(
-            cfg.effective_softmax_bits, cfg.effective_softmax_groups,
-            update=cfg.range_update, quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters,
-            levels=cfg.softmax_quantizer, steepness=cfg.tanq_steepness, site=site,
-        )
-    if tag not in ATTENTION_SITES:
-        raise ValueError(f"attention site tag must be one of {ATTENTION_SITES}, got {tag!r}")
-    return _act_quantizer(cfg, cfg.act_bits, cfg.matmul_scheme, channels, cfg.num_groups, site, operand=True)
+        return SoftmaxQuantizer(site=site, **kwargs)
+    return ActQuantizer(channels=channels, site=site, **kwargs)
 
 
 def register_attention_sites(model: nn.Module, attention: str, quantizers: dict[str, nn.Module], head_dim: int) -> None:
@@ -463,6 +470,23 @@ def calibrate_and_convert(prepared: nn.Module, calibration_data: Any, *,
     if reuses and not isinstance(calibration_data, torch.Tensor):
         calibration_data = list(calibration_data)  # run again: sensitivities, GPTQ
     calibrate(prepared, calibration_data, progress=progress)
+    return finish_quantization(prepared, calibration_data, head=head, progress=progress)
+
+
+def finish_quantization(prepared: nn.Module, calibration_data: Any = None, *,
+                        head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                        progress: bool = True) -> nn.Module:
+    """What :func:`calibrate_and_convert` does once the quantizers have observed the calibration data (in
+    place; returned): reparameterize (``reparam``), allocate groups (``group_allocation``), convert,
+    GPTQ-round (``weight_rounding``). For flows whose framework ran the calibration pass (an NNCF
+    pipeline). ``calibration_data`` is needed only by allocation and GPTQ rounding."""
+    config = getattr(prepared, CONFIG_ATTR, None)
+    if not isinstance(config, IGQConfig):
+        raise ValueError("this model was not prepared by igq.prepare (it carries no IGQConfig)")
+    needs = [f for f, on in (("group_allocation", config.group_allocation is not None),
+                             ("weight_rounding='gptq'", config.weight_rounding == "gptq")) if on]
+    if needs and calibration_data is None:
+        raise ValueError(f"IGQConfig {', '.join(needs)} runs the calibration data again: give calibration_data")
     if config.reparam:
         reparameterize(prepared)  # before allocation, so sensitivities see the final quantizers
     if config.group_allocation == "bop":
