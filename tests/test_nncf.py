@@ -238,3 +238,18 @@ def test_nncf_quantized_model_exports_to_openvino_int8():
         assert abs(compiled(x.numpy())[0] - q(x).numpy()).max() < 1e-4
     with torch.no_grad():  # export leaves the NNCF model as it was
         assert torch.equal(q(x), quantize_igq(model, nncf.Dataset(data), config=cfg, progress=False)(x))
+
+
+def test_readme_example_runs():
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- readme-example: nncf -->\n```python\n(.*?)```", text, re.S)
+    assert match, "README lost its nncf example"
+    scope: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), scope)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(scope["restored"](x), scope["qmodel"](x))
+        assert torch.equal(scope["same"](x), scope["qmodel"](x))
+    assert "head.input_quantizer" not in _site_names(scope["qmodel"])
