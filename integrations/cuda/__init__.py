@@ -1,1 +1,309 @@
-"""igq_plugin.integrations.cuda: adapter package (planned, DESIGN.md §5 phase 2; nothing is exported yet)."""
+"""Grouped int8 GPU kernels (Triton) of the igq ops; the ``cuda`` extra (``pip install "igq_plugin[cuda]"``).
+
+::
+
+    import igq_plugin.integrations.cuda as igq_cuda    # registers the CUDA kernels of the igq ops
+    codes, assignment = torch.ops.igq.group_quantize(x, group_lo, group_hi, 4)        # Triton on CUDA
+    y = torch.ops.igq.grouped_linear(codes, assignment, s, z, w_codes, w_scale, bias)  # Triton on CUDA
+
+Importing this module registers Triton implementations as the CUDA kernels of ``igq::group_quantize``
+and ``igq::grouped_linear`` (``torch.library.register_kernel``), so every model, adapter and
+``torch.export`` graph that calls those ops runs them on CUDA tensors without new code; CPU tensors
+keep the reference. The kernels themselves are ``torch.library.triton_op`` ops (``igq_cuda::*``,
+traceable by torch.compile through ``wrap_triton``) and run anywhere Triton runs, including its CPU
+interpreter (``TRITON_INTERPRET=1``), which is how the tests check them without a GPU.
+
+* :func:`group_quantize`: per-instance channel min / max, Eq. 5 assignment and codes in one launch,
+  equal to ``igq::group_quantize`` (codes and assignment, exactly).
+* :func:`grouped_linear`: the integer grouped Linear (paper Eq. 7): exact int32 partial sums per group
+  over a per-instance permutation of the channels sorted by group (:func:`group_segments`, a stable sort
+  in torch), then the reference's float32 epilogue: equal to ``igq::grouped_linear``.
+* :func:`grid_quantize` + :func:`grid_linear`: groups on a common grid (``IGQConfig(act_grid=8)``):
+  the activation kernel writes grid codes and the Linear is one int8 GEMM with the scales in its
+  epilogue: two launches, the MACs of one GEMM.
+* :func:`attention_pv`: post-softmax row codes times V codes, one int8 GEMM with the row scale and the
+  V channel scales in the epilogue.
+* :func:`int8_linears`: a copy of an ``igq.quantize`` model whose IGQ Linears run these kernels.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+import igq_plugin as igq
+from igq_plugin import ops
+from igq_plugin.registry import clear_sites
+
+from .. import require
+
+triton = require("triton", "cuda")
+
+from torch.library import triton_op, wrap_triton  # noqa: E402
+
+from . import kernels  # noqa: E402
+
+__all__ = ["group_quantize", "grouped_linear", "group_segments", "grid_quantize", "grid_linear", "attention_pv",
+           "grouped_linear_partials", "int8_linears", "Int8IGQLinear", "register_cuda_kernels"]
+
+logger = logging.getLogger("igq_plugin")
+
+_QUANTIZE_BLOCK = dict(BT=16, BC=64)
+_GEMM_BLOCK = dict(BM=64, BN=64, BK=32)
+_NO_FMA = dict(enable_fp_fusion=False)  # the reference rounds every product and sum separately
+
+
+def _launch_options() -> dict:
+    import os
+
+    return {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(_NO_FMA)
+
+
+# ------------------------------------------------------------------------------- activation side
+def _instances(x: torch.Tensor, instance_dims: int) -> torch.Tensor:
+    return ops.as_instances(x, instance_dims).contiguous()
+
+
+@triton_op("igq_cuda::quantize", mutates_args=())
+def _quantize(xi: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, scale: torch.Tensor,
+              zero_point: torch.Tensor, multiplier: torch.Tensor, bits: int, grid_offset: int,
+              grid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    instances, tokens, channels = xi.shape
+    codes = torch.empty(xi.shape, dtype=torch.uint8, device=xi.device)
+    assignment = torch.empty((instances, channels), dtype=torch.int64, device=xi.device)
+    launch = (instances, triton.cdiv(channels, _QUANTIZE_BLOCK["BC"]))
+    wrap_triton(kernels._quantize_kernel)[launch](
+        xi, group_lo, group_hi, scale, zero_point, multiplier, codes, assignment, tokens, channels,
+        group_lo.shape[0], float(2**bits - 1), float(grid_offset), GRID=grid, **_QUANTIZE_BLOCK, **_launch_options())
+    return codes, assignment
+
+
+def _group_tensors(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int):
+    lo, hi = group_lo.detach().float().contiguous(), group_hi.detach().float().contiguous()
+    scale, zero_point = ops.group_qparams(lo, hi, bits)
+    return lo, hi, scale.contiguous(), zero_point.float().contiguous()
+
+
+def group_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int,
+                   instance_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``igq::group_quantize`` in one Triton launch: (uint8 codes shaped like x, int64 assignment [I, C])."""
+    ops.check_bits(bits)
+    lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits)
+    codes, assignment = _quantize(_instances(x, instance_dims), lo, hi, scale, zero_point, scale, bits, 0, False)
+    return codes.reshape(x.shape), assignment
+
+
+def _grid_multipliers(scale: torch.Tensor, grid: ops.Grid) -> torch.Tensor:
+    k = torch.round(scale.double() / grid.step)
+    if not grid.exact or bool(((scale.double() / grid.step - k).abs() > 1e-3).any()):
+        raise ValueError("the groups are not on one exact grid: quantize with IGQConfig(act_grid=8), or use "
+                         "group_quantize + grouped_linear")
+    return k.float().contiguous()
+
+
+def grid_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, grid: ops.Grid,
+                  instance_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-quantize x and write its codes on the site's common grid: (uint8 ``v - grid.vmin`` shaped like x,
+    assignment [I, C]); the dequantized value is ``grid.step * (code + grid.vmin)``. Needs an exact grid
+    of at most 8 bits (``ops.grid_of``; ``IGQConfig(act_grid=8)``)."""
+    ops.check_bits(bits)
+    if grid.span > 255:
+        raise ValueError(f"grid_quantize writes one byte per value: the grid spans {grid.span} levels (> 255); "
+                         "use group_quantize + grouped_linear")
+    lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits)
+    multiplier = _grid_multipliers(scale, grid).to(x.device)
+    codes, assignment = _quantize(_instances(x, instance_dims), lo, hi, scale, zero_point, multiplier, bits,
+                                  grid.vmin, True)
+    return codes.reshape(x.shape), assignment
+
+
+# ---------------------------------------------------------------------------------------- GEMMs
+def group_segments(assignment: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm int32 [I, C]: channels sorted by group, stable; seg int32 [I, G + 1]: group g is
+    perm[i, seg[i, g]:seg[i, g + 1]]) of an assignment [I, C]. Three small torch ops, no host sync."""
+    perm = torch.argsort(assignment, dim=1, stable=True).to(torch.int32)
+    counts = torch.zeros(assignment.shape[0], num_groups, dtype=torch.int32, device=assignment.device)
+    counts.scatter_add_(1, assignment.long(), torch.ones_like(assignment, dtype=torch.int32))
+    seg = torch.zeros(assignment.shape[0], num_groups + 1, dtype=torch.int32, device=assignment.device)
+    seg[:, 1:] = torch.cumsum(counts, dim=1)
+    return perm.contiguous(), seg
+
+
+@triton_op("igq_cuda::gemm", mutates_args=())
+def _gemm(xi: torch.Tensor, perm: torch.Tensor, seg: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor,
+          w_codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], permuted: bool,
+          out_dtype: torch.dtype) -> torch.Tensor:
+    instances, tokens, channels = xi.shape
+    out_features = w_codes.shape[0]
+    out = torch.empty((instances, tokens, out_features), dtype=out_dtype, device=xi.device)
+    launch = (instances, triton.cdiv(tokens, _GEMM_BLOCK["BM"]), triton.cdiv(out_features, _GEMM_BLOCK["BN"]))
+    wrap_triton(kernels._grouped_gemm_kernel)[launch](
+        xi, perm, seg, zero_point, scale, w_codes, w_scale, bias if bias is not None else w_scale, out,
+        tokens, channels, out_features, scale.shape[0], w_codes.stride(0), w_codes.stride(1),
+        PERMUTED=permuted, HAS_BIAS=bias is not None, **_GEMM_BLOCK, **_launch_options())
+    return out
+
+
+def grouped_linear(x_codes: torch.Tensor, assignment: torch.Tensor, group_scale: torch.Tensor,
+                   group_zero_point: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, instance_dims: int = 1, *,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``igq::grouped_linear`` with Triton: [*instances, *tokens, O] in ``out_dtype`` (float32: equal to the
+    reference; float16 / bfloat16: its float32 result rounded once)."""
+    ops.library._check_grouped_linear(x_codes, assignment, group_scale, group_zero_point, w_codes, w_scale, bias,
+                                      instance_dims)
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    perm, seg = group_segments(assignment, group_scale.shape[0])
+    out = _gemm(_instances(x_codes, instance_dims), perm, seg, group_zero_point.to(torch.int32).contiguous(),
+                group_scale.float().contiguous(), w_codes, w_scale.float().contiguous(),
+                None if bias is None else bias.float().contiguous(), True, out_dtype)
+    return out.reshape(*x_codes.shape[:-1], w_codes.shape[0])
+
+
+def grid_linear(grid_codes: torch.Tensor, grid: ops.Grid, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The Linear on :func:`grid_quantize` codes: one int8 GEMM, ``grid.step * w_scale`` and bias in its epilogue."""
+    if grid_codes.dtype != torch.uint8 or w_codes.dtype != torch.int8 or w_codes.shape[1] != grid_codes.shape[-1]:
+        raise ValueError(f"grid_linear needs uint8 codes [..., C] and int8 weights [O, C]; got {grid_codes.dtype} "
+                         f"{tuple(grid_codes.shape)} and {w_codes.dtype} {tuple(w_codes.shape)}")
+    xi = grid_codes.reshape(1, -1, grid_codes.shape[-1]).contiguous()
+    dev = grid_codes.device
+    empty = torch.zeros(1, dtype=torch.int32, device=dev)
+    zero_point = torch.tensor([-grid.vmin], dtype=torch.int32, device=dev)
+    scale = torch.tensor([grid.step], dtype=torch.float32, device=dev)
+    out = _gemm(xi, empty, empty, zero_point, scale, w_codes, w_scale.float().contiguous(),
+                None if bias is None else bias.float().contiguous(), False, out_dtype)
+    return out.reshape(*grid_codes.shape[:-1], w_codes.shape[0])
+
+
+def grouped_linear_partials(x_codes: torch.Tensor, assignment: torch.Tensor, group_zero_point: torch.Tensor,
+                            w_codes: torch.Tensor, instance_dims: int = 1) -> torch.Tensor:
+    """The kernel's int32 partial sums [G, I, T, O] (each group alone, scale 1: ``float(acc_g)`` of the
+    epilogue), to compare exactly with ``grouped_linear_reference(..., partial_sums=True)``."""
+    num_groups = group_zero_point.shape[0]
+    parts = []
+    for g in range(num_groups):
+        scale = torch.zeros(num_groups, dtype=torch.float32, device=x_codes.device)
+        scale[g] = 1.0
+        ones = torch.ones(w_codes.shape[0], dtype=torch.float32, device=x_codes.device)
+        out = grouped_linear(x_codes, assignment, scale, group_zero_point, w_codes, ones, None, instance_dims)
+        parts.append(out.reshape(-1, x_codes.shape[-2] if x_codes.dim() > 1 else 1, w_codes.shape[0]))
+    return torch.stack(parts)
+
+
+# ------------------------------------------------------------------------------------ attention
+@triton_op("igq_cuda::attention_pv", mutates_args=())
+def _attention_pv(p: torch.Tensor, row_scale: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor,
+                  v_zero_point: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, queries, keys = p.shape
+    dim = v.shape[-1]
+    out = torch.empty((batch, queries, dim), dtype=out_dtype, device=p.device)
+    acc = torch.empty((batch, queries, dim), dtype=torch.int32, device=p.device)
+    launch = (batch, triton.cdiv(queries, _GEMM_BLOCK["BM"]), triton.cdiv(dim, _GEMM_BLOCK["BN"]))
+    wrap_triton(kernels._attention_pv_kernel)[launch](
+        p, row_scale, v, v_scale, v_zero_point, out, acc, queries, keys, dim, WRITE_ACC=True,
+        BM=_GEMM_BLOCK["BM"], BN=_GEMM_BLOCK["BN"], BK=_GEMM_BLOCK["BK"], **_launch_options())
+    return out, acc
+
+
+def attention_pv(p_codes: torch.Tensor, row_scale: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                 v_zero_point: torch.Tensor, *, out_dtype: torch.dtype = torch.float32,
+                 return_int: bool = False):
+    """Quantized attention probabilities times quantized V as one int8 GEMM.
+
+    p_codes uint8 [..., N, M] (post-softmax row codes, e.g. ``ops.softmax_group_quantize``), row_scale
+    [..., N] (their row scale); v_codes uint8 [..., M, D] with per-channel scale / zero point [..., D]
+    (V's group scale and zero point gathered by its assignment). Returns ``row_scale * v_scale *
+    sum_m p (v - z)`` [..., N, D] (and the exact int32 sums with ``return_int``)."""
+    if p_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
+        raise TypeError(f"attention_pv needs uint8 codes, got {p_codes.dtype} and {v_codes.dtype}")
+    lead = p_codes.shape[:-2]
+    if v_codes.shape[:-2] != lead or v_codes.shape[-2] != p_codes.shape[-1]:
+        raise ValueError(f"shapes do not chain: p {tuple(p_codes.shape)}, v {tuple(v_codes.shape)}")
+    n, m, d = p_codes.shape[-2], p_codes.shape[-1], v_codes.shape[-1]
+    out, acc = _attention_pv(p_codes.reshape(-1, n, m).contiguous(), row_scale.reshape(-1, n).float().contiguous(),
+                             v_codes.reshape(-1, m, d).contiguous(), v_scale.reshape(-1, d).float().contiguous(),
+                             v_zero_point.reshape(-1, d).to(torch.int32).contiguous(), out_dtype)
+    out = out.reshape(*lead, n, d)
+    return (out, acc.reshape(*lead, n, d)) if return_int else out
+
+
+# ----------------------------------------------------------------------- op registration, models
+def register_cuda_kernels() -> None:
+    """Make the Triton kernels the CUDA implementations of igq::group_quantize and igq::grouped_linear
+    (done on import; idempotent)."""
+    if getattr(register_cuda_kernels, "done", False):
+        return
+
+    @torch.library.register_kernel("igq::group_quantize", "cuda")
+    def _(x, group_lo, group_hi, bits, instance_dims=1):
+        return group_quantize(x, group_lo, group_hi, bits, instance_dims)
+
+    @torch.library.register_kernel("igq::grouped_linear", "cuda")
+    def _(x_codes, assignment, group_scale, group_zero_point, w_codes, w_scale, bias, instance_dims=1):
+        return grouped_linear(x_codes, assignment, group_scale, group_zero_point, w_codes, w_scale, bias,
+                              instance_dims)
+
+    register_cuda_kernels.done = True
+
+
+class Int8IGQLinear(nn.Module):
+    """A quantized Linear running the integer kernels: activation kernel (codes, assignment), then the
+    grouped GEMM (or, on an exact 8-bit common grid, the grid codes and one int8 GEMM)."""
+
+    def __init__(self, layer: nn.Module, quantizer: igq.ActQuantizer, out_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if quantizer.scheme == "channel":
+            raise ValueError(f"site '{quantizer.site}': static per-channel ranges have no integer kernel")
+        w_codes, w_scale = layer.integer_weight()
+        self.register_buffer("w_codes", w_codes.contiguous())
+        self.register_buffer("w_scale", w_scale.contiguous())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.register_buffer("lo", quantizer.lo.detach().float().clone())
+        self.register_buffer("hi", quantizer.hi.detach().float().clone())
+        self.bits, self.instance_dims, self.out_dtype = quantizer.bits, quantizer.instance_dims, out_dtype
+        grid = ops.grid_of(self.lo, self.hi, self.bits, max_bits=8) if quantizer.num_groups > 1 else None
+        self.grid = grid if grid is not None and grid.exact and grid.span <= 255 else None
+        scale, zero_point = ops.group_qparams(self.lo, self.hi, self.bits)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point.to(torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.out_dtype or x.dtype
+        if self.grid is not None:
+            codes, _ = grid_quantize(x, self.lo, self.hi, self.bits, self.grid, self.instance_dims)
+            return grid_linear(codes, self.grid, self.w_codes, self.w_scale, self.bias, out_dtype=dtype)
+        codes, assignment = group_quantize(x, self.lo, self.hi, self.bits, self.instance_dims)
+        return grouped_linear(codes, assignment, self.scale, self.zero_point, self.w_codes, self.w_scale, self.bias,
+                              self.instance_dims, out_dtype=dtype)
+
+
+def int8_linears(qmodel: nn.Module, out_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A copy of a quantized model (``igq.quantize``: its Linears are ``igq.QuantLinear`` with their input
+    quantizer inside) whose IGQ / layer-wise Linears run :class:`Int8IGQLinear`; attention and the patch
+    embedding keep their fake-quant modules. Weights must be <= 7 bits (int8 codes without zero points)."""
+    out = copy.deepcopy(qmodel)
+    replaced, kept = 0, []
+    for site in igq.sites(out, "linear_input"):
+        layer = site.weight_quantizer
+        if getattr(layer, "input_quantizer", None) is not site.quantizer:
+            kept.append(site.consumer)  # a quantizer outside its layer (FX graphs, NNCF hooks): not converted here
+            continue
+        if layer.w_bits > 7:
+            kept.append(site.consumer)  # 8-bit asymmetric weight codes need not fit int8 (e.g. the 8-bit head)
+            continue
+        out.set_submodule(site.consumer, Int8IGQLinear(layer, site.quantizer, out_dtype))
+        replaced += 1
+    if not replaced:
+        raise ValueError("no IGQ Linear to convert: quantize the model with igq.quantize first (weights <= 7 bits)")
+    if kept:
+        logger.info("int8_linears kept %d Linear(s) in fake quantization: %s", len(kept), ", ".join(kept))
+    clear_sites(out)
+    return out
+
+
+register_cuda_kernels()
