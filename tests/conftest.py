@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels (igq_plugin.integrations.cuda) run on CPU tensors through Triton's interpreter when
+# there is no GPU; triton reads this when the kernels are defined, so it is set before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from igq_plugin.ops import cosine, sqnr_db  # noqa: F401  (shared metrics, imported by the tests)
 

@@ -32,6 +32,13 @@ def _rint(v):
 
 
 @triton.jit
+def _store(ptr, value, mask, DOWNCAST: tl.constexpr):
+    if DOWNCAST:  # float16 / bfloat16 output: round to nearest even, as torch's .to() does
+        value = value.to(ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, glo_ptr, ghi_ptr, scale_ptr, zp_ptr, mult_ptr, codes_ptr, assign_ptr,
                      T, C, G, qmax, grid_offset,
                      GRID: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
@@ -75,7 +82,7 @@ def _quantize_kernel(x_ptr, glo_ptr, ghi_ptr, scale_ptr, zp_ptr, mult_ptr, codes
 @triton.jit
 def _grouped_gemm_kernel(x_ptr, perm_ptr, seg_ptr, zp_ptr, scale_ptr, w_ptr, wscale_ptr, bias_ptr, out_ptr,
                          T, C, O, G, stride_wo, stride_wc,
-                         PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         PERMUTED: tl.constexpr, HAS_BIAS: tl.constexpr, DOWNCAST: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     i = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -111,12 +118,12 @@ def _grouped_gemm_kernel(x_ptr, perm_ptr, seg_ptr, zp_ptr, scale_ptr, w_ptr, wsc
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
     dst = out_ptr + i.to(tl.int64) * T * O + rm[:, None] * O + rn[None, :]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    _store(dst, out, mmask[:, None] & nmask[None, :], DOWNCAST)
 
 
 @triton.jit
 def _attention_pv_kernel(p_ptr, rscale_ptr, v_ptr, vscale_ptr, vzp_ptr, out_ptr, acc_ptr, N, M, D,
-                         WRITE_ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         WRITE_ACC: tl.constexpr, DOWNCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     b = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -145,5 +152,5 @@ def _attention_pv_kernel(p_ptr, rscale_ptr, v_ptr, vscale_ptr, vzp_ptr, out_ptr,
                  mask=mmask[:, None] & nmask[None, :])
     out = total.to(tl.float32) * tl.load(vscale_ptr + b * D + rn, mask=nmask, other=0.0)[None, :]
     out = out * tl.load(rscale_ptr + b.to(tl.int64) * N + rm, mask=mmask, other=0.0)[:, None]
-    tl.store(out_ptr + b.to(tl.int64) * N * D + rm[:, None] * D + rn[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    _store(out_ptr + b.to(tl.int64) * N * D + rm[:, None] * D + rn[None, :], out, mmask[:, None] & nmask[None, :],
+           DOWNCAST)
