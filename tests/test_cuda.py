@@ -162,3 +162,19 @@ def test_kernels_are_registered_for_cuda_tensors():
         args = _linear_operands((2, 9, 48), 4, 4)
         assert torch.equal(torch.ops.igq.grouped_linear(*args, 1).cpu(),
                            ops.grouped_linear_reference(*[a.cpu() for a in args]))
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_grouped_linear.py is what a GPU run executes: its --smoke mode (tiny shapes; here
+    through the interpreter) must produce its JSON and markdown."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    subprocess.run([sys.executable, "gpu_grouped_linear.py", "--smoke", "--out", str(tmp_path)], cwd=bench,
+                   check=True, capture_output=True, text=True, timeout=600)
+    results = json.loads((tmp_path / "gpu_grouped_linear_smoke.json").read_text())
+    assert len(results["gemm"]) == 4 * 2 and results["vit_b_forward_ms"]["batch 2"]
+    assert (tmp_path / "gpu_grouped_linear_smoke.md").read_text().startswith("# IGQ Triton kernels")
