@@ -167,13 +167,18 @@ def _scope(node_name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- hooks
 def _layer_hooks(model: nn.Module, graph, cfg: igq.IGQConfig, ignored: set) -> list:
-    plans = []
+    plans, seen = [], set()
     for node in graph.get_all_nodes():
         if node.node_type not in ("linear", "conv2d") or node.node_name in ignored:
             continue
         name = _module_name(node, graph)
         if name is None:
             continue
+        if name in seen:  # a layer called twice: its first call is the site (one weight quantizer per layer)
+            logger.warning("layer '%s' is called more than once: only its first call (%s) is quantized", name,
+                           next(p[2][0][0] for p in plans if p[0] == name))
+            continue
+        seen.add(name)
         try:
             layer = model.get_submodule(name)
         except AttributeError:
@@ -264,7 +269,12 @@ def register_sites(model: nn.Module) -> nn.Module:
     weights = {}
     for _, hook in hooks:
         if isinstance(hook, IGQWeightHook):
-            hook.bind(model.get_submodule(hook.consumer))
+            try:
+                layer = model.get_submodule(hook.consumer)
+            except AttributeError:
+                raise ValueError(f"the IGQ weight hook of '{hook.consumer}' has no such layer in this model: restore "
+                                 "the NNCF config into the model class it was saved from") from None
+            hook.bind(layer)
             weights[hook.consumer] = hook
     clear_sites(model)
     for _, hook in hooks:
@@ -434,12 +444,14 @@ class IGQAlgorithm(_algorithm_base()):
         module = self._prepare(model)
         container = StatisticPointsContainer()
         self._collected = {}
+        nodes = {n.node_name: n for n in graph.get_all_nodes()}
         for name, hook in _igq_hooks(module):
             observer = getattr(hook, "observer", None)
             if not isinstance(hook, IGQInputHook) or type(observer) is not ChannelRangeObserver:
                 continue
-            op_name = name.split(".", 1)[1].rsplit("__", 1)[0]  # "pre_hooks.<op>__<port>.<id>"
-            shape = _port_shape(graph.get_node_by_name(op_name), graph, 0) if op_name in _node_names(graph) else ()
+            # storage key "pre_hooks.<op name, '.' as ':'>__<port>.<index>"
+            op_name = name.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
+            shape = _port_shape(nodes[op_name], graph, 0) if op_name in nodes else ()
             if len(shape) != 3 or hook.instance_dims != 1:
                 continue  # [B, N, C] only; other layouts observe through the hook itself
             collector = TensorCollector()
@@ -478,10 +490,6 @@ class IGQAlgorithm(_algorithm_base()):
         if hasattr(model, "reset_graph"):
             model.reset_graph()
         return model
-
-
-def _node_names(graph) -> set:
-    return {n.node_name for n in graph.get_all_nodes()}
 
 
 # ------------------------------------------------------------------------- NNCF-style config files
