@@ -132,14 +132,18 @@ def make_config(fields, bits: int) -> igq.IGQConfig:
     return igq.IGQConfig(weight_bits=bits, act_bits=bits, **fields)
 
 
-def nncf_quantize(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
+def nncf_quantize(model: torch.nn.Module, calib: list[torch.Tensor], *, features: bool) -> torch.nn.Module:
+    """NNCF's INT8 defaults (model_type=TRANSFORMER). NNCF quantizes through ``forward`` only: a probe task,
+    which reads ``forward_features``, gets a model whose ``forward`` is ``forward_features`` (``features``)."""
     import copy
 
     import nncf
 
+    from igq_plugin.bench.evaluation import ForwardFeatures
+
     items = [x.unsqueeze(0) for batch in calib for x in batch]
-    return nncf.quantize(copy.deepcopy(model), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=len(items))
+    entry = ForwardFeatures(copy.deepcopy(model)) if features else copy.deepcopy(model)
+    return nncf.quantize(entry, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
 
 
 def build_model(name: str, args):
@@ -240,7 +244,7 @@ def run(args) -> dict:
                         continue  # the Hugging Face rows are DINOv2's (the checkpoint this project converts)
                     qmodel = hf_quantize(make_config(fields, bits), calib)
                 elif fields is None:
-                    qmodel = nncf_quantize(model, calib)
+                    qmodel = nncf_quantize(model, calib, features=isinstance(task, ProbeTask))
                 elif make_config(fields, bits).group_allocation:
                     qmodel, extra = quantize_with_allocation(model, make_config(fields, bits), calib, task)
                 else:

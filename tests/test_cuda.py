@@ -178,3 +178,18 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     results = json.loads((tmp_path / "gpu_grouped_linear_smoke.json").read_text())
     assert len(results["gemm"]) == 4 * 2 and results["vit_b_forward_ms"]["batch 2"]
     assert (tmp_path / "gpu_grouped_linear_smoke.md").read_text().startswith("# IGQ Triton kernels")
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU present CPU tensors go to the reference ops: nothing to refuse")
+    code = ("import os, torch; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import igq_plugin.integrations.cuda as K\n"
+            "try:\n    K.group_quantize(torch.randn(2, 3, 8), torch.zeros(2), torch.ones(2), 4)\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "run on CUDA tensors" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stderr[-2000:]

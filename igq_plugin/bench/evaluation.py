@@ -42,6 +42,21 @@ def probe_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class ForwardFeatures(nn.Module):
+    """``model`` with ``forward_features`` as its ``forward`` (and its ``num_prefix_tokens``), for frameworks
+    whose quantization runs only through ``forward``: NNCF 3.x wraps the instance's ``forward`` alone, so
+    calling ``forward_features`` on an NNCF-quantized model skips every quantizer (and, after SmoothQuant,
+    feeds unscaled inputs to scaled weights: garbage features). :func:`probe_features` calls it as ``model(x)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
 @torch.no_grad()
 def extract_features(
     fn: Callable[[torch.Tensor], torch.Tensor],

@@ -56,10 +56,22 @@ _GEMM_BLOCK = dict(BM=64, BN=64, BK=32)
 _NO_FMA = dict(enable_fp_fusion=False)  # the reference rounds every product and sum separately
 
 
-def _launch_options() -> dict:
+def _interpreted() -> bool:
     import os
 
-    return {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(_NO_FMA)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_options() -> dict:
+    return {} if _interpreted() else dict(_NO_FMA)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cuda" and not _interpreted():
+            raise ValueError(f"the Triton kernels run on CUDA tensors, got a {t.device.type} tensor (on a CPU they run "
+                             "through Triton's interpreter: set TRITON_INTERPRET=1 before importing this module; "
+                             "or call the igq ops, whose CPU kernels are the references)")
 
 
 # ------------------------------------------------------------------------------- activation side
@@ -90,6 +102,7 @@ def _group_tensors(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int):
 def group_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int,
                    instance_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``igq::group_quantize`` in one Triton launch: (uint8 codes shaped like x, int64 assignment [I, C])."""
+    _check_device(x)
     ops.check_bits(bits)
     lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits)
     codes, assignment = _quantize(_instances(x, instance_dims), lo, hi, scale, zero_point, scale, bits, 0, False)
@@ -109,6 +122,7 @@ def grid_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tenso
     """Group-quantize x and write its codes on the site's common grid: (uint8 ``v - grid.vmin`` shaped like x,
     assignment [I, C]); the dequantized value is ``grid.step * (code + grid.vmin)``. Needs an exact grid
     of at most 8 bits (``ops.grid_of``; ``IGQConfig(act_grid=8)``)."""
+    _check_device(x)
     ops.check_bits(bits)
     if grid.span > 255:
         raise ValueError(f"grid_quantize writes one byte per value: the grid spans {grid.span} levels (> 255); "
@@ -155,6 +169,7 @@ def grouped_linear(x_codes: torch.Tensor, assignment: torch.Tensor, group_scale:
     reference; float16 / bfloat16: its float32 result rounded once)."""
     ops.library._check_grouped_linear(x_codes, assignment, group_scale, group_zero_point, w_codes, w_scale, bias,
                                       instance_dims)
+    _check_device(x_codes, w_codes)
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     perm, seg = group_segments(assignment, group_scale.shape[0])
@@ -221,6 +236,7 @@ def attention_pv(p_codes: torch.Tensor, row_scale: torch.Tensor, v_codes: torch.
     sum_m p (v - z)`` [..., N, D] (and the exact int32 sums with ``return_int``)."""
     if p_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
         raise TypeError(f"attention_pv needs uint8 codes, got {p_codes.dtype} and {v_codes.dtype}")
+    _check_device(p_codes, v_codes)
     lead = p_codes.shape[:-2]
     if v_codes.shape[:-2] != lead or v_codes.shape[-2] != p_codes.shape[-1]:
         raise ValueError(f"shapes do not chain: p {tuple(p_codes.shape)}, v {tuple(v_codes.shape)}")

@@ -355,6 +355,9 @@ def quantize_igq(
     ignored_scope: ``nncf.IgnoredScope`` of NNCF node names, regex patterns and op types (module docstring).
     model_type: ``nncf.ModelType.TRANSFORMER`` or None; IGQ quantizes the sites the config names either way.
     fast_bias_correction: IGQ has no bias-correction step; None or False.
+
+    As with every NNCF model, the hooks run in ``qmodel(x)`` only (NNCF wraps ``forward``): another entry
+    point (timm's ``forward_features``) runs unquantized; quantize a module whose ``forward`` is it.
     """
     if model_type not in (None, nncf.ModelType.TRANSFORMER):
         raise ValueError(f"model_type must be nncf.ModelType.TRANSFORMER or None (IGQ is for transformers), got "
