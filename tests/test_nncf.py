@@ -253,3 +253,28 @@ def test_readme_example_runs():
         assert torch.equal(scope["restored"](x), scope["qmodel"](x))
         assert torch.equal(scope["same"](x), scope["qmodel"](x))
     assert "head.input_quantizer" not in _site_names(scope["qmodel"])
+
+
+def test_nncf_quantizes_through_forward_only_so_features_need_forward_features_wrapped():
+    """Why the benchmark's NNCF baseline wraps probe models (benchmarks/accuracy.py): NNCF's hooks run in
+    forward() alone; forward_features() of an NNCF-quantized model runs unquantized."""
+    from igq_plugin.bench.evaluation import ForwardFeatures, probe_features
+
+    model, data, x = _vit(), _batches(), _batches(1, seed=1)[0]
+    items = [b[i:i + 1] for b in data for i in range(b.shape[0])]
+    sq_off = nncf.AdvancedQuantizationParameters(smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+    plain = nncf.quantize(copy.deepcopy(model), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                          subset_size=len(items), advanced_parameters=sq_off)
+    wrapped = nncf.quantize(ForwardFeatures(copy.deepcopy(model)), nncf.Dataset(items),
+                            model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items), advanced_parameters=sq_off)
+    with torch.no_grad():
+        fp = probe_features(model, x)
+        assert torch.equal(probe_features(plain, x), fp)  # forward_features: no quantizer ran
+        quantized = probe_features(wrapped, x)  # forward is forward_features: quantized
+        assert not torch.equal(quantized, fp)
+        assert torch.nn.functional.cosine_similarity(quantized.flatten(), fp.flatten(), 0) > 0.9
+    # the same holds for IGQ's NNCF hooks: quantize the entry point that will be called
+    q = quantize_igq(ForwardFeatures(model), nncf.Dataset(data), config=CFG, progress=False)
+    ref = igq.quantize(model, CFG, data, progress=False)
+    with torch.no_grad():
+        assert torch.equal(q(x), ref.forward_features(x))
