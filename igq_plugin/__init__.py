@@ -41,6 +41,7 @@ from .quantize import (
     weight_quant_kwargs,
 )
 from .registry import SITE_KINDS, Site, get_site, register_site, sites
+from .reconstruct import reconstruct
 from .reparam import reparameterize
 from .rounding import round_weights
 from .serialization import load, save
@@ -71,6 +72,7 @@ __all__ = [
     "calibrate",
     "convert",
     "reparameterize",
+    "reconstruct",
     "round_weights",
     "save",
     "load",

@@ -443,9 +443,13 @@ class _QuantWeightMixin:
         self.weight_calibrated.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
-        """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated)."""
+        """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated); while
+        ``soft_rounding`` holds learned rounding variables (igq.reconstruct), the soft-rounded weight."""
         if not (self.weight_fake_quant_enabled and self.weight_is_calibrated):
             return self.weight
+        soft = self.__dict__.get("soft_rounding")
+        if soft is not None:
+            return ops.soft_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits, soft)
         if self.weight_rounded:
             return ops.dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight.dtype)
         return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)

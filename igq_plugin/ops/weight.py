@@ -9,7 +9,7 @@ import torch
 
 from .quant import asym_qparams, dequantize, fake_quantize, qrange, quantize
 
-__all__ = ["WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "dequantize_weight", "fake_quantize_weight"]
+__all__ = ["WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "dequantize_weight", "fake_quantize_weight", "SOFT_ROUNDING_STRETCH", "soft_rounding_init", "soft_rounding_h", "soft_quantize_weight", "rounding_regularizer"]
 
 
 _QUANTILE_MAX_NUMEL = 2**24
@@ -102,3 +102,39 @@ def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch
     """Dequantized weights with per-output-channel (scale, zero_point)."""
     qmin, qmax = qrange(bits)
     return fake_quantize(w, _per_channel(scale, w), _per_channel(zero_point, w), qmin, qmax)
+
+
+# AdaRound's rectified sigmoid h(v) = clamp(sigmoid(v) (zeta - gamma) + gamma, 0, 1): stretched past [0, 1] so
+# it reaches exactly 0 and 1 (Nagel et al., 2020).
+SOFT_ROUNDING_STRETCH = (-0.1, 1.1)
+
+
+def soft_rounding_h(v: torch.Tensor) -> torch.Tensor:
+    """The rounding offset in [0, 1] of soft-rounding variables ``v`` (AdaRound's rectified sigmoid)."""
+    gamma, zeta = SOFT_ROUNDING_STRETCH
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def soft_rounding_init(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Variables v with h(v) = frac(w / s): the soft rounding starts at the float weights."""
+    gamma, zeta = SOFT_ROUNDING_STRETCH
+    ratio = w / _per_channel(scale, w)
+    frac = (ratio - torch.floor(ratio)).clamp(1e-4, 1 - 1e-4)
+    return -torch.log((zeta - gamma) / (frac - gamma) - 1.0)
+
+
+def soft_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                         v: torch.Tensor, hard: bool = False) -> torch.Tensor:
+    """Weights rounded down or up by learned variables ``v`` (shape of w): ``s (clamp(floor(w / s) + h(v) + z)
+    - z)``; ``hard`` rounds up where h(v) >= 0.5 (the codes :func:`soft_rounding_codes` keeps). Gradients
+    reach v (and the scale), not w."""
+    qmin, qmax = qrange(bits)
+    s, z = _per_channel(scale, w), _per_channel(zero_point, w)
+    up = (soft_rounding_h(v) >= 0.5).to(w.dtype) if hard else soft_rounding_h(v)
+    q = torch.clamp(torch.floor(w.detach() / s) + up + z, qmin, qmax)
+    return (q - z) * s
+
+
+def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """AdaRound's sum(1 - |2 h(v) - 1|^beta): pushes every h(v) to 0 or 1 as beta anneals down."""
+    return (1.0 - (2.0 * soft_rounding_h(v) - 1.0).abs().pow(beta)).sum()

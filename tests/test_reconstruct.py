@@ -1,0 +1,84 @@
+"""Block reconstruction (igq.reconstruct): soft rounding math, loss goes down on held-out data, structure kept."""
+import math
+
+import pytest
+import timm
+import torch
+
+import igq_plugin as igq
+from igq_plugin import ops
+
+
+def test_soft_rounding_values_by_hand():
+    # h(v) = clamp(sigmoid(v) * 1.2 - 0.1, 0, 1)
+    v = torch.tensor([0.0, 10.0, -10.0, math.log(3.0)])  # sigmoid(log 3) = 0.75 -> 0.8
+    assert torch.allclose(ops.soft_rounding_h(v), torch.tensor([0.5, 1.0, 0.0, 0.8]))
+    # regularizer 1 - |2h - 1|^beta: 1 at h = 0.5, 0 at h in {0, 1}; 1 - 0.6^2 = 0.64 at h = 0.8, beta 2
+    assert torch.allclose(ops.rounding_regularizer(v, 2.0), torch.tensor(1.0 + 0.0 + 0.0 + 0.64))
+    w = torch.tensor([[0.26, -0.74, 0.5]])
+    scale, zero = torch.tensor([0.5]), torch.tensor([8.0])  # w / s = 0.52, -1.48, 1.0
+    init = ops.soft_rounding_init(w, scale)
+    assert torch.allclose(ops.soft_rounding_h(init), torch.tensor([[0.52, 0.52, 1e-4]]), atol=1e-5)
+    soft = ops.soft_quantize_weight(w, scale, zero, 4, init)  # starts at the float weights
+    assert torch.allclose(soft, w, atol=1e-4)
+    hard = ops.soft_quantize_weight(w, scale, zero, 4, init, hard=True)  # 0.52 -> 1, -1.48 -> -1, 1.0 -> 1
+    assert torch.equal(hard, torch.tensor([[0.5, -0.5, 0.5]]))
+    up = ops.soft_quantize_weight(w, scale, zero, 4, torch.full_like(w, 10.0), hard=True)  # every value rounded up
+    assert torch.equal(up, torch.tensor([[0.5, -0.5, 1.0]]))
+
+
+def _setup(depth=3, seed=0):
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=depth, img_size=32,
+                          patch_size=8, embed_dim=64, num_heads=4).eval()
+    g = torch.Generator().manual_seed(seed)
+    calib = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)]
+    return m, calib, torch.randn(96, 3, 32, 32, generator=g), torch.randn(48, 3, 32, 32, generator=g)
+
+
+def test_reconstruction_lowers_held_out_error_and_keeps_the_igq_structure(tmp_path):
+    model, calib, rec, held_out = _setup()
+    q = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=8), calib, progress=False)
+    groups = {s.name: s.quantizer.num_groups for s in igq.sites(q)}
+    with torch.no_grad():
+        ref = model(held_out)
+        before = (q(held_out) - ref).pow(2).mean()
+    assert igq.reconstruct(q, rec, iters=60, progress=False) is q
+    with torch.no_grad():
+        after = (q(held_out) - ref).pow(2).mean()
+    assert after < 0.8 * before, (before, after)
+    assert {s.name: s.quantizer.num_groups for s in igq.sites(q)} == groups
+    assert all(s.weight_quantizer.weight_rounded for s in igq.sites(q, "linear_input")
+               if s.consumer.startswith("blocks."))
+    assert not any(isinstance(p, torch.nn.Parameter) for s in igq.sites(q) for p in s.quantizer.parameters())
+    assert all("soft_rounding" not in s.weight_quantizer.__dict__ for s in igq.sites(q, "linear_input"))
+    path = tmp_path / "q.pt"
+    igq.save(q, path)
+    again = igq.load(path, _setup()[0])
+    with torch.no_grad():
+        assert torch.equal(again(held_out), q(held_out))
+
+
+def test_zero_iterations_keep_round_to_nearest():
+    model, calib, rec, held_out = _setup(depth=1)
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4)
+    q = igq.quantize(model, cfg, calib, progress=False)
+    r = igq.reconstruct(igq.quantize(model, cfg, calib, progress=False), rec, iters=0, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(r(held_out), q(held_out), atol=1e-5)
+
+
+def test_bad_arguments_are_refused():
+    from nets import MLP
+
+    model, calib, rec, _ = _setup(depth=1)
+    with pytest.raises(ValueError, match="quantize it"):
+        igq.reconstruct(model, rec)
+    q = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4), calib, progress=False)
+    with pytest.raises(ValueError, match="qdrop"):
+        igq.reconstruct(q, rec, qdrop=1.5)
+    with pytest.raises(ValueError, match="iters"):
+        igq.reconstruct(q, rec, iters=-1)
+    mlp = igq.quantize(MLP(), igq.IGQConfig(weight_bits=4, act_bits=4), torch.randn(8, 16), progress=False)
+    with pytest.raises(ValueError, match="no block list"):
+        igq.reconstruct(mlp, torch.randn(8, 16))
