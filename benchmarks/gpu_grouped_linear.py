@@ -175,8 +175,9 @@ def main(argv=None) -> int:
     name = "gpu_grouped_linear_smoke" if args.smoke else "gpu_grouped_linear"
     save_json(args.out / f"{name}.json", {"meta": meta, "gemm": rows, "vit_b_forward_ms": forward})
     columns = list(rows[0])
-    lines = [f"# IGQ Triton kernels: GEMM throughput and ViT-B forward", "", f"Device: {gpu}; torch {torch.__version__};"
-             f" {runs} interleaved runs, medians.", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["# IGQ Triton kernels: GEMM throughput and ViT-B forward", "",
+             f"Device: {gpu}; torch {torch.__version__}; {runs} interleaved runs, medians.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     lines += ["", "ViT-B/16 forward, ms (Linears on the kernels; attention in fake quantization):", ""]
     for batch, ms in forward.items():

@@ -33,7 +33,8 @@ from .registry import Site, clear_sites, order_sites, register_site, sites
 
 __all__ = ["prepare", "calibrate", "convert", "quantize", "CONFIG_ATTR", "adopt_hooks", "LayerSettings",
            "layer_settings", "act_quantizer_kwargs", "quantized_layer", "calibrate_and_convert", "convert_site",
-           "weight_quant_kwargs", "attention_quantizer", "attention_quantizer_kwargs", "finish_quantization", "register_attention_sites", "matches"]
+           "weight_quant_kwargs", "attention_quantizer", "attention_quantizer_kwargs", "finish_quantization",
+           "register_attention_sites", "matches"]
 
 logger = logging.getLogger("igq_plugin")
 

@@ -27,7 +27,6 @@ back onto an ``act_grid`` grid (an exported model re-codes them onto the approxi
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -205,7 +204,8 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
         with torch.no_grad():
             for wq, v in zip(weights, soft):
                 del wq.__dict__["soft_rounding"]
-                hard = ops.soft_quantize_weight(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v, hard=True)
+                hard = ops.soft_quantize_weight(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v,
+                                                hard=True)
                 zero = wq.weight_zero_point.reshape((-1,) + (1,) * (wq.weight.dim() - 1))
                 scale = wq.weight_scale.reshape(zero.shape)
                 codes = torch.round(hard / scale + zero)

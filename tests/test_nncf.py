@@ -127,7 +127,8 @@ def test_config_dict_and_json_file_equal_the_keyword_path(tmp_path):
     from_file = create_compressed_model(model, str(path), nncf.Dataset(data), progress=False)
     keywords = quantize_igq(model, nncf.Dataset(data), progress=False, subset_size=2,
                             config=igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, act_grid=8),
-                            ignored_scope=nncf.IgnoredScope(names=["head/linear/0"], patterns=["blocks/1/attn/proj/.*"]))
+                            ignored_scope=nncf.IgnoredScope(names=["head/linear/0"],
+                                                            patterns=["blocks/1/attn/proj/.*"]))
     with torch.no_grad():
         assert torch.equal(from_dict(x), keywords(x))
         assert torch.equal(from_file(x), keywords(x))

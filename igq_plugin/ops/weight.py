@@ -9,7 +9,21 @@ import torch
 
 from .quant import asym_qparams, dequantize, fake_quantize, qrange, quantize
 
-__all__ = ["WEIGHT_CLIPPINGS", "WEIGHT_ROUNDINGS", "default_weight_percentile", "weight_qparams", "mse_weight_qparams", "quantize_weight", "dequantize_weight", "fake_quantize_weight", "SOFT_ROUNDING_STRETCH", "soft_rounding_init", "soft_rounding_h", "soft_quantize_weight", "rounding_regularizer"]
+__all__ = [
+    "WEIGHT_CLIPPINGS",
+    "WEIGHT_ROUNDINGS",
+    "default_weight_percentile",
+    "weight_qparams",
+    "mse_weight_qparams",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quantize_weight",
+    "SOFT_ROUNDING_STRETCH",
+    "soft_rounding_init",
+    "soft_rounding_h",
+    "soft_quantize_weight",
+    "rounding_regularizer",
+]
 
 
 _QUANTILE_MAX_NUMEL = 2**24
@@ -125,9 +139,9 @@ def soft_rounding_init(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def soft_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                          v: torch.Tensor, hard: bool = False) -> torch.Tensor:
-    """Weights rounded down or up by learned variables ``v`` (shape of w): ``s (clamp(floor(w / s) + h(v) + z)
-    - z)``; ``hard`` rounds up where h(v) >= 0.5 (the codes :func:`soft_rounding_codes` keeps). Gradients
-    reach v (and the scale), not w."""
+    """Weights rounded down or up by learned variables ``v`` (shape of w):
+    ``s (clamp(floor(w / s) + h(v) + z) - z)``; ``hard`` rounds up where h(v) >= 0.5 (the codes
+    igq.reconstruct keeps). Gradients reach v (and the scale), not w."""
     qmin, qmax = qrange(bits)
     s, z = _per_channel(scale, w), _per_channel(zero_point, w)
     up = (soft_rounding_h(v) >= 0.5).to(w.dtype) if hard else soft_rounding_h(v)

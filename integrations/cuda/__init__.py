@@ -157,7 +157,8 @@ def _gemm(xi: torch.Tensor, perm: torch.Tensor, seg: torch.Tensor, zero_point: t
     wrap_triton(kernels._grouped_gemm_kernel)[launch](
         xi, perm, seg, zero_point, scale, w_codes, w_scale, bias if bias is not None else w_scale, out,
         tokens, channels, out_features, scale.shape[0], w_codes.stride(0), w_codes.stride(1),
-        PERMUTED=permuted, HAS_BIAS=bias is not None, DOWNCAST=out_dtype != torch.float32, **_GEMM_BLOCK, **_launch_options())
+        PERMUTED=permuted, HAS_BIAS=bias is not None, DOWNCAST=out_dtype != torch.float32,
+        **_GEMM_BLOCK, **_launch_options())
     return out
 
 
@@ -220,7 +221,8 @@ def _attention_pv(p: torch.Tensor, row_scale: torch.Tensor, v: torch.Tensor, v_s
     acc = torch.empty((batch, queries, dim), dtype=torch.int32, device=p.device)
     launch = (batch, triton.cdiv(queries, _GEMM_BLOCK["BM"]), triton.cdiv(dim, _GEMM_BLOCK["BN"]))
     wrap_triton(kernels._attention_pv_kernel)[launch](
-        p, row_scale, v, v_scale, v_zero_point, out, acc, queries, keys, dim, WRITE_ACC=True, DOWNCAST=out_dtype != torch.float32,
+        p, row_scale, v, v_scale, v_zero_point, out, acc, queries, keys, dim, WRITE_ACC=True,
+        DOWNCAST=out_dtype != torch.float32,
         BM=_GEMM_BLOCK["BM"], BN=_GEMM_BLOCK["BN"], BK=_GEMM_BLOCK["BK"], **_launch_options())
     return out, acc
 

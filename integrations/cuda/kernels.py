@@ -123,7 +123,8 @@ def _grouped_gemm_kernel(x_ptr, perm_ptr, seg_ptr, zp_ptr, scale_ptr, w_ptr, wsc
 
 @triton.jit
 def _attention_pv_kernel(p_ptr, rscale_ptr, v_ptr, vscale_ptr, vzp_ptr, out_ptr, acc_ptr, N, M, D,
-                         WRITE_ACC: tl.constexpr, DOWNCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         WRITE_ACC: tl.constexpr, DOWNCAST: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     b = tl.program_id(0)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(2) * BN + tl.arange(0, BN)
