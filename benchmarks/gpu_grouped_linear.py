@@ -3,14 +3,15 @@
 Layer shapes: the four Linears of a ViT-S / B / L block (qkv, proj, fc1, fc2; K, N in {384, ..., 4096}),
 tokens = 197 x batch, batch in {1, 8, 64}. Variants, interleaved round-robin per shape, CUDA-event
 medians over --runs rounds after a warm-up:
-* "IGQ GEMM (G=8)": the grouped int8 GEMM (igq::grouped_linear's CUDA kernel), 4-bit codes, 8 groups,
-  per-instance permutation included (group_segments);
+* "IGQ GEMM kernel (G=8)": the grouped int8 GEMM kernel alone (permutation given), 4-bit codes, 8 groups;
+* "IGQ GEMM (G=8)": igq::grouped_linear's CUDA kernel as called: the per-instance permutation
+  (group_segments, torch) included;
 * "IGQ grid GEMM": the common-grid path (act_grid=8): one int8 GEMM with the scales in its epilogue;
 * "IGQ Linear (G=8)" / "IGQ grid Linear": the whole quantized Linear from float activations
   (activation kernel: min / max, Eq. 5 assignment, codes; then the GEMM);
 * "torch._int_mm": per-tensor int8 x int8 -> int32 (no scales: a lower bound for any int8 Linear);
 * "fp16 matmul", "bf16 matmul": torch.matmul.
-TFLOP/s counts 2 M K N per GEMM. A full ViT-B/16 forward (batch 8 and 64) compares the IGQ model with
+TFLOP/s counts 2 M K N per GEMM; each sample times --reps back-to-back calls. A full ViT-B/16 forward (batch 8 and 64) compares the IGQ model with
 its Linears on the kernels (int8_linears; attention kept in fake quantization) against the fp16 model
 and the layer-wise int8 model on the same kernels.
 
@@ -39,16 +40,18 @@ def layer_shapes(dim: int) -> dict[str, tuple[int, int]]:
     return {"qkv": (dim, 3 * dim), "proj": (dim, dim), "fc1": (dim, 4 * dim), "fc2": (4 * dim, dim)}
 
 
-def timer(device: torch.device):
-    """fn -> seconds of one call (CUDA events on a GPU, perf_counter otherwise)."""
+def timer(device: torch.device, reps: int):
+    """fn -> seconds per call, over ``reps`` back-to-back calls (CUDA events on a GPU, perf_counter otherwise):
+    small GEMMs take microseconds, so one call would time the launch, not the kernel."""
     if device.type == "cuda":
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(reps):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3 / reps
     else:
         def run(fn):
             t0 = time.perf_counter()
@@ -57,9 +60,9 @@ def timer(device: torch.device):
     return run
 
 
-def interleaved(fns: dict, runs: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each fn, all run round-robin (warm-up round first)."""
-    run = timer(device)
+def interleaved(fns: dict, runs: int, device: torch.device, reps: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, all run round-robin (warm-up round first)."""
+    run = timer(device, reps)
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -86,7 +89,10 @@ def gemm_variants(tokens: int, batch: int, k: int, n: int, device: torch.device,
     zero_point = zero_point.to(torch.int32)
     w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g).to(device)
     w_scale, bias = torch.rand(n, generator=g).to(device), torch.randn(n, generator=g).to(device)
+    perm, seg = K.group_segments(assignment, groups)
+    xi, zp32, ws, b32 = codes.contiguous(), zero_point.contiguous(), w_scale.float(), bias.float()
     fns = {
+        "IGQ GEMM kernel (G=8)": lambda: K._gemm(xi, perm, seg, zp32, scale, w, ws, b32, True, torch.float16),
         "IGQ GEMM (G=8)": lambda: K.grouped_linear(codes, assignment, scale, zero_point, w, w_scale, bias,
                                                    out_dtype=torch.float16),
         "IGQ grid GEMM": lambda: K.grid_linear(grid_codes, grid, w, w_scale, bias, out_dtype=torch.float16),
@@ -139,6 +145,7 @@ def vit_b_forward(batch: int, device: torch.device, runs: int, smoke: bool) -> d
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=20, help="calls per timed sample")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any device (CPU: Triton interpreter)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -150,6 +157,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = 2 if args.smoke else args.runs
+    reps = 1 if args.smoke else args.reps
     batches = [1, 2] if args.smoke else [1, 8, 64]
     blocks = {"tiny": 32} if args.smoke else BLOCKS
     rows = []
@@ -157,15 +165,16 @@ def main(argv=None) -> int:
         for layer, (k, n) in layer_shapes(dim).items():
             for batch in batches:
                 tokens = (5 if args.smoke else 197) * batch
-                times = interleaved(gemm_variants(tokens, batch, k, n, device), runs, device)
+                times = interleaved(gemm_variants(tokens, batch, k, n, device), runs, device, reps)
                 flop = 2 * tokens * k * n
                 row = {"model": model, "layer": layer, "batch": batch, "M": tokens, "K": k, "N": n}
                 for name, t in times.items():
                     row[f"{name} TFLOP/s"] = round(flop / t / 1e12, 3)
                 if "torch._int_mm" in times:
+                    row["IGQ GEMM kernel / _int_mm"] = round(times["torch._int_mm"] / times["IGQ GEMM kernel (G=8)"], 3)
                     row["IGQ GEMM / _int_mm"] = round(times["torch._int_mm"] / times["IGQ GEMM (G=8)"], 3)
                     row["IGQ grid GEMM / _int_mm"] = round(times["torch._int_mm"] / times["IGQ grid GEMM"], 3)
-                    row["IGQ GEMM / fp16"] = round(times["fp16 matmul"] / times["IGQ GEMM (G=8)"], 3)
+                    row["IGQ GEMM kernel / fp16"] = round(times["fp16 matmul"] / times["IGQ GEMM kernel (G=8)"], 3)
                 rows.append(row)
                 print(row, flush=True)
     forward = {f"batch {b}": vit_b_forward(b, device, runs, args.smoke) for b in ([2] if args.smoke else [8, 64])}

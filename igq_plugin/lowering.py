@@ -331,6 +331,9 @@ def lower(model: nn.Module) -> nn.Module:
         cls = LoweredConv2d if site.kind == "conv_input" else LoweredLinear
         target = getattr(layer, "quantized_layer", None)
         if target is not None:
+            veto = layer.__dict__.get("check_lowering")  # the adapter that placed it can refuse (see WeightQuantizer)
+            if callable(veto):
+                veto()
             # A WeightQuantizer applied where the layer uses its weight (NNCF hooks on the layer's op): the
             # float layer becomes the lowered one, with the input quantizer inside (the hooks on its op would
             # otherwise run after the re-coding), and both hooks pass their tensors through.

@@ -537,8 +537,10 @@ class WeightQuantizer(_QuantWeightMixin, nn.Module):
 
     It is a site's ``weight_quantizer`` (the weight-quantizer API of QuantLinear) once bound to its
     layer with :meth:`bind` (the layer is referenced, not a submodule: it stays where it is in the
-    model); ``quantized_layer`` is that layer, which ``igq_plugin.lowering.lower`` replaces. Unbound
-    (e.g. just restored from a checkpoint) it still quantizes the weights it is given.
+    model); ``quantized_layer`` is that layer, which ``igq_plugin.lowering.lower`` replaces (with the
+    input quantizer inside it). An adapter may set ``check_lowering`` (a callable that raises) when that
+    move would be wrong, e.g. other hooks run between the quantizer and the layer. Unbound (e.g. just
+    restored from a checkpoint) it still quantizes the weights it is given.
     """
 
     def __init__(self, out_channels: int, *, w_bits: int = 8, weight_percentile: float = 0.0,

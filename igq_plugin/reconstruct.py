@@ -21,7 +21,9 @@ upstream:
 The float model is the quantized model with fake quantization off (its weights stay float), so no
 second copy is kept; block inputs and targets for the reconstruction images stay in memory (about
 3 x images x tokens x width floats, 400 MB for DINOv2-S on 1024 images). Blocks must take one
-tensor and return one tensor (timm ViT / DeiT / DINOv2 blocks). Ranges learned here are not moved
+tensor and return one tensor (timm ViT / DeiT / DINOv2 blocks), and hold their quantizers as modules
+(``igq.quantize``; not NNCF hooks or torch.ao graphs, whose quantizers run outside the block: refused).
+Weight step sizes stay those of calibration (not learned). A block that fails keeps its weights. Ranges learned here are not moved
 back onto an ``act_grid`` grid (an exported model re-codes them onto the approximate 16-bit grid).
 """
 from __future__ import annotations
@@ -147,6 +149,8 @@ def reconstruct(
     qmodel.eval()
     from tqdm.auto import tqdm
 
+    for name in names:  # before anything changes
+        _check_block(qmodel, name, qmodel.get_submodule(name))
     try:
         for name in tqdm(names, desc="igq reconstruct", unit="block", disable=not progress):
             block = qmodel.get_submodule(name)
@@ -163,23 +167,62 @@ def reconstruct(
     return qmodel
 
 
+def _check_block(qmodel: nn.Module, name: str, block: nn.Module) -> None:
+    inside = {id(m) for m in block.modules()}
+    prefix = name + "."
+    for site in sites(qmodel):
+        if site.consumer.startswith(prefix) or site.consumer == name:
+            for module in (site.quantizer, site.weight_quantizer):
+                if module is not None and id(module) not in inside:
+                    raise ValueError(
+                        f"site '{site.name}' is quantized outside the modules of block '{name}' (NNCF hooks, a torch.ao "
+                        "graph): calling the block alone would run it unquantized. Reconstruct a model from "
+                        "igq.quantize (or the transformers adapter)")
+
+
 def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_size, lr, range_lr, learn_ranges, qdrop,
                        round_weight, generator) -> None:
     weights = _block_weights(qmodel, name)
     quantizers = _block_quantizers(qmodel, name) if learn_ranges else []
-    soft = []
-    for wq in weights:
-        v = ops.soft_rounding_init(wq.weight.detach(), wq.weight_scale).requires_grad_(True)
-        wq.__dict__["soft_rounding"] = v
-        soft.append(v)
-    for q in quantizers:
-        q.learn_ranges(True)
-    range_params = [p for q in quantizers for p in q.parameters(recurse=False)]
-    groups = [{"params": soft, "lr": lr}] + ([{"params": range_params, "lr": range_lr}] if range_params else [])
-    frozen = [p for p in block.parameters() if p.requires_grad and all(p is not r for r in range_params)]
-    for p in frozen:
-        p.requires_grad_(False)
+    saved = [(wq, wq.weight_int.clone(), wq.weight_scale.clone(), wq.weight_zero_point.clone()) for wq in weights]
+    soft, frozen, done = [], [], False
     try:
+        for wq in weights:
+            v = ops.soft_rounding_init(wq.weight.detach(), wq.weight_scale).requires_grad_(True)
+            wq.__dict__["soft_rounding"] = v
+            soft.append(v)
+        for q in quantizers:
+            q.learn_ranges(True)
+        range_params = [p for q in quantizers for p in q.parameters(recurse=False)]
+        groups = [{"params": soft, "lr": lr}] + ([{"params": range_params, "lr": range_lr}] if range_params else [])
+        frozen = [p for p in block.parameters() if p.requires_grad and all(p is not r for r in range_params)]
+        for p in frozen:
+            p.requires_grad_(False)
+        _train(block, soft, groups, x_q, x_fp, y_fp, iters=iters, batch_size=batch_size, qdrop=qdrop,
+               round_weight=round_weight, generator=generator)
+        done = True
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.no_grad():
+            for (wq, codes, scale, zero_point), v in zip(saved, soft + [None] * (len(saved) - len(soft))):
+                wq.__dict__.pop("soft_rounding", None)
+                if done:
+                    hard = ops.soft_quantize_weight(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v,
+                                                    hard=True)
+                    zero = wq.weight_zero_point.reshape((-1,) + (1,) * (wq.weight.dim() - 1))
+                    codes = torch.round(hard / wq.weight_scale.reshape(zero.shape) + zero)
+                    wq.set_weight_codes(codes, wq.weight_scale.clone(), wq.weight_zero_point.clone())
+                else:  # a failed block keeps the weights it had
+                    wq.weight_int = codes
+                    wq.weight_scale.copy_(scale)
+                    wq.weight_zero_point.copy_(zero_point)
+        for q in quantizers:
+            q.learn_ranges(False)
+
+
+def _train(block, soft, groups, x_q, x_fp, y_fp, *, iters, batch_size, qdrop, round_weight, generator) -> None:
+    with torch.enable_grad():
         optimizer = torch.optim.Adam(groups)
         warmup = int(0.2 * iters)
         n = x_q.shape[0]
@@ -198,17 +241,3 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        with torch.no_grad():
-            for wq, v in zip(weights, soft):
-                del wq.__dict__["soft_rounding"]
-                hard = ops.soft_quantize_weight(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v,
-                                                hard=True)
-                zero = wq.weight_zero_point.reshape((-1,) + (1,) * (wq.weight.dim() - 1))
-                scale = wq.weight_scale.reshape(zero.shape)
-                codes = torch.round(hard / scale + zero)
-                wq.set_weight_codes(codes, wq.weight_scale.clone(), wq.weight_zero_point.clone())
-        for q in quantizers:
-            q.learn_ranges(False)

@@ -152,6 +152,10 @@ def test_example_config_file_in_the_repo_loads():
     ({"compression": {"algorithm": "igq"}, "input_info": {"sample_size": [1, 3, 224, 224]}},
      r"sample_size \[1, 3, 224, 224\] does not match"),
     ({"compression": {"algorithm": "igq", "initializer": {"range": 3}}}, "num_init_samples"),
+    ({"compression": {"algorithm": "igq", "igq": "act_grid"}}, "compression.igq must be a dict"),
+    ({"compression": {"algorithm": "igq", "ignored_types": "softmax"}}, "ignored_types must be a list"),
+    ({"compression": {"algorithm": "igq", "ignored_scopes": "head/linear/0"}}, "ignored_scopes must be a list"),
+    ({"compression": {"algorithm": "igq", "subset_size": "4"}}, r"subset_size must be an int >= 1 .*got '4'"),
 ])
 def test_bad_configs_are_rejected_clearly(change, message):
     with pytest.raises(ValueError, match=message):
@@ -279,3 +283,48 @@ def test_nncf_quantizes_through_forward_only_so_features_need_forward_features_w
     ref = igq.quantize(model, CFG, data, progress=False)
     with torch.no_grad():
         assert torch.equal(q(x), ref.forward_features(x))
+
+
+def test_num_init_samples_counts_samples_as_in_nncf_2():
+    model, x = _vit(), _batches(1, seed=1)[0]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32)), batch_size=4)
+    dataset = nncf.Dataset(loader, lambda b: b[0])
+    config = {"compression": {"algorithm": "igq", "weight_bits": 4, "activation_bits": 4, "num_groups": 4,
+                              "initializer": {"range": {"num_init_samples": 8}}}}
+    q = create_compressed_model(model, config, dataset, progress=False)
+    ref = quantize_igq(model, dataset, config=igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4), subset_size=2,
+                       progress=False)  # 8 samples = 2 batches of 4
+    with torch.no_grad():
+        assert torch.equal(q(x), ref(x))
+
+
+def test_lowering_refuses_other_hooks_on_a_quantized_input():
+    pytest.importorskip("openvino", reason="the openvino extra is installed by scripts/setup.sh")
+    from nncf.quantization.algorithms.smooth_quant.algorithm import SmoothQuant
+
+    from igq_plugin.lowering import lower
+
+    model, data = _vit(), _batches()
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, act_grid=8)
+    q = _pipeline(model, data, [SmoothQuant(subset_size=3, alpha_map={"convolution": -1, "matmul": 0.95})],
+                  [IGQAlgorithm(cfg, subset_size=3, progress=False)])
+    with pytest.raises(ValueError, match="other NNCF hooks on its input .*SQMultiply"):
+        lower(q)
+
+
+def test_fused_attention_is_named_in_a_warning(caplog):
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    data = _batches(2, (2, 5, 16))
+    with caplog.at_level("WARNING", logger="igq_plugin"):
+        q = quantize_igq(Attention().eval(), nncf.Dataset(data), config=CFG, progress=False)
+    assert "scaled_dot_product_attention" in caplog.text
+    assert {s.kind for s in igq.sites(q)} == {"linear_input"}

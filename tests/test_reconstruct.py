@@ -82,3 +82,44 @@ def test_bad_arguments_are_refused():
     mlp = igq.quantize(MLP(), igq.IGQConfig(weight_bits=4, act_bits=4), torch.randn(8, 16), progress=False)
     with pytest.raises(ValueError, match="no block list"):
         igq.reconstruct(mlp, torch.randn(8, 16))
+
+
+def test_a_failing_block_keeps_its_weights_and_no_grad_callers_work():
+    model, calib, rec, held_out = _setup(depth=2)
+    q = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4), calib, progress=False)
+    with torch.no_grad():  # reconstruction enables gradients itself
+        igq.reconstruct(q, rec[:16], iters=2, batch_size=8, progress=False)
+    assert q.blocks[0].attn.qkv.weight_rounded
+    fresh = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4), calib, progress=False)
+    with torch.no_grad():
+        before = fresh(held_out)
+    with pytest.raises(TypeError, match="Tensor"):
+        igq.reconstruct(fresh, {"x": rec}, progress=False)
+    block = fresh.blocks[0]
+    original = block.forward
+    calls = {"n": 0}
+
+    def failing(x):
+        calls["n"] += 1
+        if calls["n"] > 20 and torch.is_grad_enabled():
+            raise RuntimeError("boom")
+        return original(x)
+
+    block.forward = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        igq.reconstruct(fresh, rec[:16], iters=5, batch_size=8, progress=False)
+    del block.forward
+    assert all("soft_rounding" not in s.weight_quantizer.__dict__ for s in igq.sites(fresh, "linear_input"))
+    assert not fresh.blocks[0].attn.qkv.weight_rounded
+    with torch.no_grad():
+        assert torch.equal(fresh(held_out), before)
+
+
+def test_nncf_models_are_refused():
+    nncf = pytest.importorskip("nncf", reason="the nncf extra is installed by scripts/setup.sh")
+    from igq_plugin.integrations.nncf import quantize_igq
+
+    model, calib, rec, _ = _setup(depth=1)
+    q = quantize_igq(model, nncf.Dataset(calib), config=igq.IGQConfig(weight_bits=4, act_bits=4), progress=False)
+    with pytest.raises(ValueError, match="outside the modules of block"):
+        igq.reconstruct(q, rec)

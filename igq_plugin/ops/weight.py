@@ -141,7 +141,7 @@ def soft_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch
                          v: torch.Tensor, hard: bool = False) -> torch.Tensor:
     """Weights rounded down or up by learned variables ``v`` (shape of w):
     ``s (clamp(floor(w / s) + h(v) + z) - z)``; ``hard`` rounds up where h(v) >= 0.5 (the codes
-    igq.reconstruct keeps). Gradients reach v (and the scale), not w."""
+    igq.reconstruct keeps). Gradients reach v, not w."""
     qmin, qmax = qrange(bits)
     s, z = _per_channel(scale, w), _per_channel(zero_point, w)
     up = (soft_rounding_h(v) >= 0.5).to(w.dtype) if hard else soft_rounding_h(v)

@@ -46,20 +46,24 @@ from torch.library import triton_op, wrap_triton  # noqa: E402
 
 from . import kernels  # noqa: E402
 
-__all__ = ["group_quantize", "grouped_linear", "group_segments", "grid_quantize", "grid_linear", "attention_pv",
+__all__ = ["MAX_ATTENTION_KEYS", "group_quantize", "grouped_linear", "group_segments", "grid_quantize", "grid_linear", "attention_pv",
            "grouped_linear_partials", "int8_linears", "Int8IGQLinear", "register_cuda_kernels"]
 
 logger = logging.getLogger("igq_plugin")
+
+# Largest key count whose int32 sums cannot overflow (sum over keys of p * v <= 255 * 255 * M, plus the shifts).
+MAX_ATTENTION_KEYS = (2**31 - 1) // (256 * 256 * 2)
 
 _QUANTIZE_BLOCK = dict(BT=16, BC=64)
 _GEMM_BLOCK = dict(BM=64, BN=64, BK=32)
 _NO_FMA = dict(enable_fp_fusion=False)  # the reference rounds every product and sum separately
 
 
-def _interpreted() -> bool:
-    import os
+_INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # what triton read when the kernels were defined
 
-    return os.environ.get("TRITON_INTERPRET") == "1"
+
+def _interpreted() -> bool:
+    return _INTERPRETED
 
 
 def _launch_options() -> dict:
@@ -93,8 +97,12 @@ def _quantize(xi: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, 
     return codes, assignment
 
 
-def _group_tensors(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int):
-    lo, hi = group_lo.detach().float().contiguous(), group_hi.detach().float().contiguous()
+def _group_tensors(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, device: torch.device):
+    if group_lo.shape != group_hi.shape or group_lo.dim() != 1:
+        raise ValueError(f"group_lo and group_hi must both be [G], got {tuple(group_lo.shape)} and "
+                         f"{tuple(group_hi.shape)}")
+    lo = group_lo.detach().to(device, torch.float32).contiguous()
+    hi = group_hi.detach().to(device, torch.float32).contiguous()
     scale, zero_point = ops.group_qparams(lo, hi, bits)
     return lo, hi, scale.contiguous(), zero_point.float().contiguous()
 
@@ -104,7 +112,7 @@ def group_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tens
     """``igq::group_quantize`` in one Triton launch: (uint8 codes shaped like x, int64 assignment [I, C])."""
     _check_device(x)
     ops.check_bits(bits)
-    lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits)
+    lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits, x.device)
     codes, assignment = _quantize(_instances(x, instance_dims), lo, hi, scale, zero_point, scale, bits, 0, False)
     return codes.reshape(x.shape), assignment
 
@@ -127,7 +135,7 @@ def grid_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tenso
     if grid.span > 255:
         raise ValueError(f"grid_quantize writes one byte per value: the grid spans {grid.span} levels (> 255); "
                          "use group_quantize + grouped_linear")
-    lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits)
+    lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits, x.device)
     multiplier = _grid_multipliers(scale, grid).to(x.device)
     codes, assignment = _quantize(_instances(x, instance_dims), lo, hi, scale, zero_point, multiplier, bits,
                                   grid.vmin, True)
@@ -186,7 +194,12 @@ def grid_linear(grid_codes: torch.Tensor, grid: ops.Grid, w_codes: torch.Tensor,
     if grid_codes.dtype != torch.uint8 or w_codes.dtype != torch.int8 or w_codes.shape[1] != grid_codes.shape[-1]:
         raise ValueError(f"grid_linear needs uint8 codes [..., C] and int8 weights [O, C]; got {grid_codes.dtype} "
                          f"{tuple(grid_codes.shape)} and {w_codes.dtype} {tuple(w_codes.shape)}")
-    xi = grid_codes.reshape(1, -1, grid_codes.shape[-1]).contiguous()
+    _check_device(grid_codes, w_codes)
+    if w_scale.shape != (w_codes.shape[0],) or (bias is not None and bias.shape != (w_codes.shape[0],)):
+        raise ValueError(f"w_scale and bias must be [{w_codes.shape[0]}] (out_features), got {tuple(w_scale.shape)} "
+                         f"and {None if bias is None else tuple(bias.shape)}")
+    lead = grid_codes.shape[0] if grid_codes.dim() > 2 else 1  # instances on the launch grid's first axis
+    xi = grid_codes.reshape(lead, -1, grid_codes.shape[-1]).contiguous()
     dev = grid_codes.device
     empty = torch.zeros(1, dtype=torch.int32, device=dev)
     zero_point = torch.tensor([-grid.vmin], dtype=torch.int32, device=dev)
@@ -243,6 +256,13 @@ def attention_pv(p_codes: torch.Tensor, row_scale: torch.Tensor, v_codes: torch.
     if v_codes.shape[:-2] != lead or v_codes.shape[-2] != p_codes.shape[-1]:
         raise ValueError(f"shapes do not chain: p {tuple(p_codes.shape)}, v {tuple(v_codes.shape)}")
     n, m, d = p_codes.shape[-2], p_codes.shape[-1], v_codes.shape[-1]
+    if tuple(row_scale.shape) != tuple(p_codes.shape[:-1]):
+        raise ValueError(f"row_scale must be [..., N] = {tuple(p_codes.shape[:-1])}, got {tuple(row_scale.shape)}")
+    if tuple(v_scale.shape) != (*lead, d) or tuple(v_zero_point.shape) != (*lead, d):
+        raise ValueError(f"v_scale and v_zero_point must be [..., D] = {(*lead, d)}, got {tuple(v_scale.shape)} and "
+                         f"{tuple(v_zero_point.shape)}")
+    if m > MAX_ATTENTION_KEYS:
+        raise ValueError(f"attention_pv accumulates in int32: at most {MAX_ATTENTION_KEYS} keys, got {m}")
     out, acc = _attention_pv(p_codes.reshape(-1, n, m).contiguous(), row_scale.reshape(-1, n).float().contiguous(),
                              v_codes.reshape(-1, m, d).contiguous(), v_scale.reshape(-1, d).float().contiguous(),
                              v_zero_point.reshape(-1, d).to(torch.int32).contiguous(), out_dtype)

@@ -106,7 +106,8 @@ def _grouped_gemm_kernel(x_ptr, perm_ptr, seg_ptr, zp_ptr, scale_ptr, w_ptr, wsc
                 ch = tl.load(perm_ptr + i.to(tl.int64) * C + rk, mask=kmask, other=0)
             else:
                 ch = rk
-            xq = tl.load(x_base + rm[:, None] * C + ch[None, :], mask=mmask[:, None] & kmask[None, :], other=128)
+            xq = tl.load(x_base + rm[:, None].to(tl.int64) * C + ch[None, :], mask=mmask[:, None] & kmask[None, :],
+                         other=128)
             xs = (xq.to(tl.int32) - 128).to(tl.int8)
             w = tl.load(w_ptr + rn[None, :] * stride_wo + ch[:, None] * stride_wc,
                         mask=kmask[:, None] & nmask[None, :], other=0)
@@ -117,7 +118,7 @@ def _grouped_gemm_kernel(x_ptr, perm_ptr, seg_ptr, zp_ptr, scale_ptr, w_ptr, wsc
     out = out * tl.load(wscale_ptr + rn, mask=nmask, other=0.0)[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
-    dst = out_ptr + i.to(tl.int64) * T * O + rm[:, None] * O + rn[None, :]
+    dst = out_ptr + i.to(tl.int64) * T * O + rm[:, None].to(tl.int64) * O + rn[None, :]
     _store(dst, out, mmask[:, None] & nmask[None, :], DOWNCAST)
 
 

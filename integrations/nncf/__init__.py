@@ -31,6 +31,7 @@ P V matmul its V operand (and the softmax rows feeding it).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -202,6 +203,12 @@ def _layer_hooks(model: nn.Module, graph, cfg: igq.IGQConfig, ignored: set) -> l
 def _attention_hooks(graph, cfg: igq.IGQConfig, ignored: set) -> list:
     if not cfg.quantize_attention:
         return []
+    fused = [n.node_name for n in graph.get_all_nodes() if n.node_type == "scaled_dot_product_attention"]
+    if fused:
+        logger.warning("%d fused attention op(s) (scaled_dot_product_attention, e.g. %s): their Q, K, V and softmax "
+                       "stay in full precision (IGQ quantizes the unfused Q @ K^T -> softmax -> P @ V; timm models "
+                       "are unfused automatically, Hugging Face models need attn_implementation='eager')",
+                       len(fused), fused[0])
     plans = []
     for softmax in graph.get_nodes_by_types(["softmax"]):
         qk, pv = _walk_back_to_matmul(softmax, graph), _walk_forward_to_matmul(softmax, graph)
@@ -255,6 +262,22 @@ def _igq_hooks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, hook) for name, hook in get_hook_storage(model).named_hooks() if isinstance(hook, HOOK_TYPES)]
 
 
+def _op_of(hook_key: str) -> str:
+    """The op name of a hook-storage key "pre_hooks.<op name, '.' as ':'>__<port>.<index>"."""
+    return hook_key.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
+
+
+def _check_exclusive(model: nn.Module, op_name: str) -> None:
+    """Lowering moves IGQ's input quantizer into the layer: refuse when other NNCF hooks sit on that input."""
+    prefix = f"pre_hooks.{op_name.replace('.', ':')}__0."
+    others = sorted({type(h).__name__ for k, h in get_hook_storage(model).named_hooks()
+                     if k.startswith(prefix) and not isinstance(h, HOOK_TYPES)})
+    if others:
+        raise ValueError(f"'{op_name}' has other NNCF hooks on its input ({', '.join(others)}, e.g. SmoothQuant's "
+                         "scale): lowering would run them after IGQ's quantizer. Export a model quantized by "
+                         "quantize_igq / IGQAlgorithm alone")
+
+
 def register_sites(model: nn.Module) -> nn.Module:
     """Register the sites of the IGQ hooks of an NNCF-wrapped ``model`` (in place; returned): each weight
     hook is bound to its layer, each input hook paired with it, and timm attention is switched to its
@@ -267,8 +290,9 @@ def register_sites(model: nn.Module) -> nn.Module:
         raise ValueError("the model has no IGQ hooks: quantize it with quantize_igq, or restore it with "
                          "nncf.torch.load_from_config(model, config, allowed_modules=ALLOWED_MODULES)")
     weights = {}
-    for _, hook in hooks:
+    for key, hook in hooks:
         if isinstance(hook, IGQWeightHook):
+            hook.__dict__["check_lowering"] = functools.partial(_check_exclusive, model, _op_of(key))
             try:
                 layer = model.get_submodule(hook.consumer)
             except AttributeError:
@@ -452,8 +476,7 @@ class IGQAlgorithm(_algorithm_base()):
             observer = getattr(hook, "observer", None)
             if not isinstance(hook, IGQInputHook) or type(observer) is not ChannelRangeObserver:
                 continue
-            # storage key "pre_hooks.<op name, '.' as ':'>__<port>.<index>"
-            op_name = name.split(".", 1)[1].rsplit("__", 1)[0].replace(":", ".")
+            op_name = _op_of(name)
             shape = _port_shape(nodes[op_name], graph, 0) if op_name in nodes else ()
             if len(shape) != 3 or hook.instance_dims != 1:
                 continue  # [B, N, C] only; other layouts observe through the hook itself
@@ -504,7 +527,7 @@ COMPRESSION_KEYS = {
     "ignored_scopes": "NNCF node names; \"{re}<regex>\" for a pattern (NNCF 2.x syntax)",
     "ignored_types": "NNCF op types (linear, matmul, softmax, conv2d)",
     "subset_size": "calibration items (default 300)",
-    "initializer": "{\"range\": {\"num_init_samples\": N}} (NNCF 2.x spelling of subset_size)",
+    "initializer": "{\"range\": {\"num_init_samples\": N}} (NNCF 2.x: N samples, i.e. N / batch size items)",
     "igq": "any other IGQConfig fields, e.g. {\"act_grid\": 8, \"softmax_quantizer\": \"tanq\"}",
 }
 TOP_LEVEL_KEYS = ("input_info", "compression")
@@ -560,9 +583,9 @@ def create_compressed_model(model: nn.Module, config: Union[dict, str, os.PathLi
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict or a JSON file path, got {type(config).__name__}")
     section = _compression_section(config)
-    fields = dict(section.get("igq", {}))
     if not isinstance(section.get("igq", {}), dict):
-        raise ValueError("compression.igq must be a dict of IGQConfig fields")
+        raise ValueError(f"compression.igq must be a dict of IGQConfig fields, got {section['igq']!r}")
+    fields = dict(section.get("igq", {}))
     for key, field in (("weight_bits", "weight_bits"), ("activation_bits", "act_bits"), ("num_groups", "num_groups")):
         if key in section:
             if field in fields:
@@ -572,16 +595,27 @@ def create_compressed_model(model: nn.Module, config: Union[dict, str, os.PathLi
     subset_size = section.get("subset_size", 300)
     if "initializer" in section:
         try:
-            subset_size = section["initializer"]["range"]["num_init_samples"]
+            samples = section["initializer"]["range"]["num_init_samples"]
         except (KeyError, TypeError):
             raise ValueError("compression.initializer must be {\"range\": {\"num_init_samples\": N}}") from None
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"compression.initializer.range.num_init_samples must be an int >= 1, got {samples!r}")
+        batch = dataset.get_batch_size() if isinstance(dataset, nncf.Dataset) else None
+        subset_size = -(-samples // batch) if batch else samples  # NNCF 2.x counted samples, not batches
+    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1:
+        raise ValueError(f"compression.subset_size must be an int >= 1 (calibration items), got {subset_size!r}")
     names, patterns = [], []
+    if not isinstance(section.get("ignored_scopes", []), list):
+        raise ValueError(f"compression.ignored_scopes must be a list of node names / \"{{re}}\" patterns, got "
+                         f"{section['ignored_scopes']!r}")
     for entry in section.get("ignored_scopes", []):
         if not isinstance(entry, str):
             raise ValueError(f"compression.ignored_scopes entries are strings, got {entry!r}")
         (patterns.append(entry[4:]) if entry.startswith("{re}") else names.append(entry))
-    types = list(section.get("ignored_types", []))
+    types = section.get("ignored_types", [])
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ValueError(f"compression.ignored_types must be a list of NNCF op types (e.g. [\"softmax\"]), got {types!r}")
     scope = nncf.IgnoredScope(names=names, patterns=patterns, types=types) if names or patterns or types else None
-    items = _calibration_items(dataset, subset_size if isinstance(subset_size, int) else -1)
+    items = _calibration_items(dataset, subset_size)
     _check_input_info(config.get("input_info"), items[0])
     return quantize_igq(model, dataset, config=cfg, subset_size=subset_size, ignored_scope=scope, progress=progress)
