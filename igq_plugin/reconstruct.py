@@ -23,7 +23,7 @@ second copy is kept; block inputs and targets for the reconstruction images stay
 3 x images x tokens x width floats, 400 MB for DINOv2-S on 1024 images). Blocks must take one
 tensor and return one tensor (timm ViT / DeiT / DINOv2 blocks), and hold their quantizers as modules
 (``igq.quantize``; not NNCF hooks or torch.ao graphs, whose quantizers run outside the block: refused).
-Weight step sizes stay those of calibration (not learned). A block that fails keeps its weights. Ranges learned here are not moved
+Weight step sizes stay those of calibration (not learned). A block that fails keeps its weights and ranges. Ranges learned here are not moved
 back onto an ``act_grid`` grid (an exported model re-codes them onto the approximate 16-bit grid).
 """
 from __future__ import annotations
@@ -185,6 +185,7 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
     weights = _block_weights(qmodel, name)
     quantizers = _block_quantizers(qmodel, name) if learn_ranges else []
     saved = [(wq, wq.weight_int.clone(), wq.weight_scale.clone(), wq.weight_zero_point.clone()) for wq in weights]
+    saved_ranges = [(q, {r: getattr(q, r).detach().clone() for r in q._RANGES}) for q in quantizers]
     soft, frozen, done = [], [], False
     try:
         for wq in weights:
@@ -217,8 +218,11 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
                     wq.weight_int = codes
                     wq.weight_scale.copy_(scale)
                     wq.weight_zero_point.copy_(zero_point)
-        for q in quantizers:
+        for q, ranges in saved_ranges:
             q.learn_ranges(False)
+            if not done:  # and the ranges it had
+                for r, value in ranges.items():
+                    getattr(q, r).copy_(value)
 
 
 def _train(block, soft, groups, x_q, x_fp, y_fp, *, iters, batch_size, qdrop, round_weight, generator) -> None:
