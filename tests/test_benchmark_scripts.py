@@ -89,3 +89,18 @@ def test_select_w4a4_validation_images_are_held_out():
     assert torch.equal(val_x, gray_to_imagenet(x_train[[1, 3, 5, 7, 9]]))
     assert torch.equal(calib[:32], gray_to_imagenet(x_train[-32:]))  # the ablation's 32 come first
     assert torch.equal(calib[32:], gray_to_imagenet(x_train[-128:-32]))
+
+
+def test_reconstruction_script_smoke(tmp_path):
+    out = tmp_path / "res"
+    ckpt = tmp_path / "cache" / "fmnist_vit_tiny.pt"  # where load_fmnist_vit looks (IGQ_CACHE_DIR)
+    proc = _run(["train_fmnist_vit.py", "--epochs", "1", "--limit", "256", "--out", str(ckpt)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(["reconstruction.py", "--models", "fmnist-vit", "--bits", "4", "--rec-images", "16", "--iters", "2",
+                 "--num-test", "64", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "reconstruction.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["FP32", "IGQConfig() calibration only",
+                                           "+ igq.reconstruct (16 images, 2 iters)"]
+    assert all(0.0 <= r["top1"] <= 100.0 for r in rows)
+    assert "calibration only" in (out / "reconstruction.md").read_text()
