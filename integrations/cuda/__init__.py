@@ -309,13 +309,20 @@ class Int8IGQLinear(nn.Module):
         scale, zero_point = ops.group_qparams(self.lo, self.hi, self.bits)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point.to(torch.int32))
+        # what the activation kernel reads, prepared once (no host work per call)
+        self.register_buffer("zero_point_f", zero_point.float())
+        self.register_buffer("multiplier", _grid_multipliers(scale, self.grid) if self.grid is not None else scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_device(x)
         dtype = self.out_dtype or x.dtype
-        if self.grid is not None:
-            codes, _ = grid_quantize(x, self.lo, self.hi, self.bits, self.grid, self.instance_dims)
+        xi = _instances(x, self.instance_dims)
+        on_grid = self.grid is not None
+        codes, assignment = _quantize(xi, self.lo, self.hi, self.scale, self.zero_point_f, self.multiplier, self.bits,
+                                      self.grid.vmin if on_grid else 0, on_grid)
+        codes = codes.reshape(x.shape)
+        if on_grid:
             return grid_linear(codes, self.grid, self.w_codes, self.w_scale, self.bias, out_dtype=dtype)
-        codes, assignment = group_quantize(x, self.lo, self.hi, self.bits, self.instance_dims)
         return grouped_linear(codes, assignment, self.scale, self.zero_point, self.w_codes, self.w_scale, self.bias,
                               self.instance_dims, out_dtype=dtype)
 
