@@ -328,3 +328,16 @@ def test_fused_attention_is_named_in_a_warning(caplog):
         q = quantize_igq(Attention().eval(), nncf.Dataset(data), config=CFG, progress=False)
     assert "scaled_dot_product_attention" in caplog.text
     assert {s.kind for s in igq.sites(q)} == {"linear_input"}
+
+
+def test_group_allocation_runs_on_the_nncf_model_as_in_igq_quantize():
+    model, data, x = _vit(), _batches(), _batches(1, seed=1)[0]
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, group_allocation="bop",
+                        allocation_candidates=(1, 2, 4, 8))
+    ref = igq.quantize(model, cfg, data, progress=False)
+    ours = quantize_igq(model, nncf.Dataset(data), config=cfg, progress=False)
+    groups = {s.name: s.quantizer.num_groups for s in igq.sites(ours)}
+    assert groups == {s.name: s.quantizer.num_groups for s in igq.sites(ref)}
+    assert len(set(groups.values())) > 1  # the budget moved groups between sites
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
