@@ -115,6 +115,10 @@ class IGQConfig:
             layer in forward order (igq_plugin.rounding.round_weights). Costs two more passes over
             the calibration data, held in memory as one batch.
         gptq_damp: Hessian damping of "gptq", as a fraction of its mean diagonal.
+        reconstruct_iters: 0 (default, off) or the steps per transformer block of block reconstruction
+            after calibration (igq.reconstruct on the calibration data, its other defaults: learned
+            rounding and ranges). More images than the usual 32 help; call igq.reconstruct yourself to
+            give it its own images.
         calibration_weights: "quantized" (default): activations are observed downstream of
             quantized weights (the model as it will run); "float": weights stay float while
             calibrating (torch.ao's post-training convention: a plain ``prepare_fx`` model calibrates
@@ -160,6 +164,7 @@ class IGQConfig:
     weight_percentile: Optional[float] = None
     weight_rounding: str = "nearest"
     gptq_damp: float = 0.1
+    reconstruct_iters: int = 0
     calibration_weights: str = "quantized"
     skip: tuple[str, ...] = ()
     embed_patterns: tuple[str, ...] = ("*patch_embed*",)
@@ -225,6 +230,10 @@ class IGQConfig:
                 or not 0.0 <= self.gptq_damp < 1e3):
             raise ValueError(f"gptq_damp must be a number >= 0 (fraction of the mean Hessian diagonal, e.g. 0.1), "
                              f"got {self.gptq_damp!r}")
+        if (isinstance(self.reconstruct_iters, bool) or not isinstance(self.reconstruct_iters, int)
+                or self.reconstruct_iters < 0):
+            raise ValueError(f"reconstruct_iters must be an int >= 0 (0: no block reconstruction), got "
+                             f"{self.reconstruct_iters!r}")
         self.skip = _as_patterns(self.skip, "skip")
         self.embed_patterns = _as_patterns(self.embed_patterns, "embed_patterns")
         self.head_patterns = _as_patterns(self.head_patterns, "head_patterns")

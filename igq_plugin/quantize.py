@@ -467,7 +467,7 @@ def calibrate_and_convert(prepared: nn.Module, calibration_data: Any, *,
     if not isinstance(config, IGQConfig):
         raise ValueError("this model was not prepared by igq.prepare (it carries no IGQConfig)")
     check_calibration_data(calibration_data)
-    reuses = config.group_allocation is not None or config.weight_rounding == "gptq"
+    reuses = config.group_allocation is not None or config.weight_rounding == "gptq" or config.reconstruct_iters > 0
     if reuses and not isinstance(calibration_data, torch.Tensor):
         calibration_data = list(calibration_data)  # run again: sensitivities, GPTQ
     calibrate(prepared, calibration_data, progress=progress)
@@ -479,13 +479,14 @@ def finish_quantization(prepared: nn.Module, calibration_data: Any = None, *,
                         progress: bool = True) -> nn.Module:
     """What :func:`calibrate_and_convert` does once the quantizers have observed the calibration data (in
     place; returned): reparameterize (``reparam``), allocate groups (``group_allocation``), convert,
-    GPTQ-round (``weight_rounding``). For flows whose framework ran the calibration pass (an NNCF
+    GPTQ-round (``weight_rounding``), reconstruct blocks (``reconstruct_iters``). For flows whose framework ran the calibration pass (an NNCF
     pipeline). ``calibration_data`` is needed only by allocation and GPTQ rounding."""
     config = getattr(prepared, CONFIG_ATTR, None)
     if not isinstance(config, IGQConfig):
         raise ValueError("this model was not prepared by igq.prepare (it carries no IGQConfig)")
     needs = [f for f, on in (("group_allocation", config.group_allocation is not None),
-                             ("weight_rounding='gptq'", config.weight_rounding == "gptq")) if on]
+                             ("weight_rounding='gptq'", config.weight_rounding == "gptq"),
+                             ("reconstruct_iters", config.reconstruct_iters > 0)) if on]
     if needs and calibration_data is None:
         raise ValueError(f"IGQConfig {', '.join(needs)} runs the calibration data again: give calibration_data")
     if config.reparam:
@@ -497,4 +498,8 @@ def finish_quantization(prepared: nn.Module, calibration_data: Any = None, *,
     qmodel = convert(prepared, progress=progress)
     if config.weight_rounding == "gptq":
         round_weights(qmodel, calibration_data, damp=config.gptq_damp, progress=progress)
+    if config.reconstruct_iters > 0:
+        from .reconstruct import reconstruct
+
+        reconstruct(qmodel, calibration_data, iters=config.reconstruct_iters, progress=progress)
     return qmodel

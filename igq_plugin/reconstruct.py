@@ -61,17 +61,19 @@ def find_blocks(model: nn.Module) -> list[str]:
                      "sites): pass blocks=[...] module names")
 
 
-def _capture(model: nn.Module, block: nn.Module, inputs: torch.Tensor, batch_size: int, *,
-             output: bool = False) -> torch.Tensor:
-    """The block's input (or output) for every image, run through ``model`` up to that block."""
+def _one_tensor(block: nn.Module, value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"block {type(block).__name__} {what} a {type(value).__name__}: reconstruction needs blocks of "
+                        "one tensor in, one tensor out (timm ViT / DeiT / DINOv2)")
+    return value
+
+
+def _capture(model: nn.Module, block: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The block's input for every image, run through ``model`` up to that block."""
     found = []
 
-    def hook(_module, args, result):
-        value = result if output else args[0]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"block {type(block).__name__} takes / returns a {type(value).__name__}: reconstruction "
-                            "needs blocks of one tensor in, one tensor out")
-        found.append(value.detach())
+    def hook(_module, args, _result):
+        found.append(_one_tensor(block, args[0] if args else None, "takes").detach())
         raise _Stop
 
     handle = block.register_forward_hook(hook)
@@ -158,7 +160,8 @@ def reconstruct(
                 x_q = _capture(qmodel, block, inputs, batch_size)
                 with fake_quant_disabled(qmodel):
                     x_fp = _capture(qmodel, block, inputs, batch_size)
-                    y_fp = torch.cat([block(x_fp[i:i + batch_size]) for i in range(0, x_fp.shape[0], batch_size)])
+                    y_fp = torch.cat([_one_tensor(block, block(x_fp[i:i + batch_size]), "returns")
+                                      for i in range(0, x_fp.shape[0], batch_size)])
             _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, iters=iters, batch_size=batch_size, lr=lr,
                                range_lr=range_lr, learn_ranges=learn_ranges, qdrop=qdrop, round_weight=round_weight,
                                generator=generator)

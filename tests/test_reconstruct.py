@@ -124,3 +124,15 @@ def test_nncf_models_are_refused():
     q = quantize_igq(model, nncf.Dataset(calib), config=igq.IGQConfig(weight_bits=4, act_bits=4), progress=False)
     with pytest.raises(ValueError, match="outside the modules of block"):
         igq.reconstruct(q, rec)
+
+
+def test_config_field_runs_reconstruction_inside_quantize():
+    model, calib, _, held_out = _setup(depth=2)
+    with pytest.raises(ValueError, match="reconstruct_iters must be an int >= 0"):
+        igq.IGQConfig(reconstruct_iters=-1)
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4)
+    manual = igq.reconstruct(igq.quantize(model, cfg, calib, progress=False), calib, iters=3, progress=False)
+    inside = igq.quantize(model, igq.IGQConfig(weight_bits=4, act_bits=4, reconstruct_iters=3), calib, progress=False)
+    with torch.no_grad():
+        assert torch.equal(inside(held_out), manual(held_out))
+    assert igq.IGQConfig.from_dict(igq.IGQConfig(reconstruct_iters=5).to_dict()).reconstruct_iters == 5

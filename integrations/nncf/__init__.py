@@ -104,6 +104,9 @@ def _check_config(config: Optional[igq.IGQConfig]) -> igq.IGQConfig:
     config = igq.IGQConfig() if config is None else config
     if not isinstance(config, igq.IGQConfig):
         raise TypeError(f"config must be an igq_plugin.IGQConfig, got {type(config).__name__}")
+    if config.reconstruct_iters:
+        raise ValueError("IGQConfig.reconstruct_iters: block reconstruction calls each block alone, where NNCF's "
+                         "hooks do not run; use igq.quantize for reconstruction")
     if config.reparam:
         raise ValueError("IGQConfig.reparam folds LayerNorm scales into the next layers' modules, which the NNCF flow "
                          "keeps as they are (its quantizers are hooks): use igq.quantize for reparam")
