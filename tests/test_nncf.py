@@ -341,3 +341,17 @@ def test_group_allocation_runs_on_the_nncf_model_as_in_igq_quantize():
     assert len(set(groups.values())) > 1  # the budget moved groups between sites
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+def test_igq_algorithm_apply_on_its_own_calibrates_with_the_dataset():
+    from nncf.torch.function_hook import wrap_model
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWrapper
+
+    model, data, x = _vit(), _batches(), _batches(1, seed=1)[0]
+    wrapped = GraphModelWrapper(wrap_model(copy.deepcopy(model)), example_input=data[0])
+    with pytest.raises(ValueError, match="needs the calibration data"):
+        IGQAlgorithm(CFG, subset_size=3, progress=False).apply(wrapped, None)
+    assert not igq.sites(wrapped.model)  # refused before anything changed
+    q = IGQAlgorithm(CFG, subset_size=3, progress=False).apply(wrapped, None, dataset=nncf.Dataset(data)).model
+    with torch.no_grad():
+        assert torch.equal(q(x), igq.quantize(model, CFG, data, progress=False)(x))

@@ -499,8 +499,18 @@ class IGQAlgorithm(_algorithm_base()):
         return container
 
     def apply(self, model, graph, statistic_points=None, dataset=None):
+        """Fit the ranges from the statistics of :meth:`get_statistic_points`; called on its own (no statistics,
+        hooks not inserted yet) it inserts the hooks and runs the calibration pass over ``dataset`` itself."""
+        fresh = not _igq_hooks(self._module(model))
+        data = dataset if dataset is not None else self.calibration_dataset
+        items = _calibration_items(data, self.subset_size) if data is not None else None
+        if fresh and items is None:  # checked before the model changes
+            raise ValueError("IGQAlgorithm.apply without its statistics needs the calibration data: pass "
+                             "dataset=nncf.Dataset(...) or run it in an nncf Pipeline")
         module = self._prepare(model)
-        if self._collected:
+        if fresh:
+            igq.calibrate(module, items, progress=self.progress)
+        elif self._collected:
             if statistic_points is None:
                 raise ValueError("IGQAlgorithm.apply needs the statistics of its get_statistic_points (run it in an "
                                  "nncf Pipeline)")
@@ -513,8 +523,6 @@ class IGQAlgorithm(_algorithm_base()):
                     lo, hi = lo.data, hi.data
                     hook.observer.add_ranges(lo.reshape(-1, lo.shape[-1]), hi.reshape(-1, hi.shape[-1]))
                 hook.fake_quant_enabled = True
-        data = dataset if dataset is not None else self.calibration_dataset
-        items = _calibration_items(data, self.subset_size) if data is not None else None
         igq.finish_quantization(module, items, progress=self.progress)
         if hasattr(model, "reset_graph"):
             model.reset_graph()
