@@ -212,10 +212,7 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
             for (wq, codes, scale, zero_point), v in zip(saved, soft + [None] * (len(saved) - len(soft))):
                 wq.__dict__.pop("soft_rounding", None)
                 if done:
-                    hard = ops.soft_quantize_weight(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v,
-                                                    hard=True)
-                    zero = wq.weight_zero_point.reshape((-1,) + (1,) * (wq.weight.dim() - 1))
-                    codes = torch.round(hard / wq.weight_scale.reshape(zero.shape) + zero)
+                    codes = ops.soft_rounding_codes(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v)
                     wq.set_weight_codes(codes, wq.weight_scale.clone(), wq.weight_zero_point.clone())
                 else:  # a failed block keeps the weights it had
                     wq.weight_int = codes

@@ -22,7 +22,7 @@ import torch
 
 from .quant import asym_qparams, asym_range
 
-__all__ = ["GRID_BITS", "Grid", "grid_feasible", "fit_common_grid", "snap_to_grid", "grid_of"]
+__all__ = ["GRID_BITS", "Grid", "grid_feasible", "fit_common_grid", "snap_to_grid", "grid_of", "grid_multipliers"]
 
 GRID_BITS = (8, 16)  # the grids a deployment runs: one u8 GEMM, or two (high and low byte)
 
@@ -157,3 +157,14 @@ def grid_of(group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, *, tol: f
     if vmax - vmin > cap:  # cannot happen: the span is at most cap - 2 steps before rounding outward
         raise AssertionError(f"grid span {vmax - vmin} exceeds {cap}")
     return Grid(step, vmin, vmax, exact=False)
+
+
+def grid_multipliers(scale: torch.Tensor, grid: Grid, tol: float = 1e-3) -> torch.Tensor:
+    """The whole multiples k_g = s_g / grid.step [G] (float32) of group scales on an exact ``grid``: a code q of
+    group g sits at grid value k_g (q - z_g). ValueError when the groups are not on it (within ``tol`` of a step)."""
+    ratio = scale.double() / grid.step
+    k = torch.round(ratio)
+    if not grid.exact or bool(((ratio - k).abs() > tol).any()):
+        raise ValueError("the groups are not on one exact grid: quantize with IGQConfig(act_grid=8), or use the "
+                         "grouped path (group_quantize + grouped_linear)")
+    return k.float().contiguous()

@@ -22,6 +22,7 @@ __all__ = [
     "soft_rounding_init",
     "soft_rounding_h",
     "soft_quantize_weight",
+    "soft_rounding_codes",
     "rounding_regularizer",
 ]
 
@@ -142,11 +143,21 @@ def soft_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch
     """Weights rounded down or up by learned variables ``v`` (shape of w):
     ``s (clamp(floor(w / s) + h(v) + z) - z)``; ``hard`` rounds up where h(v) >= 0.5 (the codes
     igq.reconstruct keeps). Gradients reach v, not w."""
+    s, z = _per_channel(scale, w), _per_channel(zero_point, w)
+    if hard:
+        return (soft_rounding_codes(w, scale, zero_point, bits, v) - z) * s
+    qmin, qmax = qrange(bits)
+    return (torch.clamp(torch.floor(w.detach() / s) + soft_rounding_h(v) + z, qmin, qmax) - z) * s
+
+
+def soft_rounding_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                        v: torch.Tensor) -> torch.Tensor:
+    """The integer codes (w's dtype) learned rounding variables ``v`` choose: w / s rounded up where
+    h(v) >= 0.5, down elsewhere, plus the zero point, clamped to the code range."""
     qmin, qmax = qrange(bits)
     s, z = _per_channel(scale, w), _per_channel(zero_point, w)
-    up = (soft_rounding_h(v) >= 0.5).to(w.dtype) if hard else soft_rounding_h(v)
-    q = torch.clamp(torch.floor(w.detach() / s) + up + z, qmin, qmax)
-    return (q - z) * s
+    up = (soft_rounding_h(v) >= 0.5).to(w.dtype)
+    return torch.clamp(torch.floor(w.detach() / s) + up + z, qmin, qmax)
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:

@@ -28,6 +28,7 @@ interpreter (``TRITON_INTERPRET=1``), which is how the tests check them without 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Optional
 
@@ -62,17 +63,13 @@ _NO_FMA = dict(enable_fp_fusion=False)  # the reference rounds every product and
 _INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # what triton read when the kernels were defined
 
 
-def _interpreted() -> bool:
-    return _INTERPRETED
-
-
 def _launch_options() -> dict:
-    return {} if _interpreted() else dict(_NO_FMA)
+    return {} if _INTERPRETED else dict(_NO_FMA)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t.device.type != "cuda" and not _interpreted():
+        if t.device.type != "cuda" and not _INTERPRETED:
             raise ValueError(f"the Triton kernels run on CUDA tensors, got a {t.device.type} tensor (on a CPU they run "
                              "through Triton's interpreter: set TRITON_INTERPRET=1 before importing this module; "
                              "or call the igq ops, whose CPU kernels are the references)")
@@ -117,14 +114,6 @@ def group_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tens
     return codes.reshape(x.shape), assignment
 
 
-def _grid_multipliers(scale: torch.Tensor, grid: ops.Grid) -> torch.Tensor:
-    k = torch.round(scale.double() / grid.step)
-    if not grid.exact or bool(((scale.double() / grid.step - k).abs() > 1e-3).any()):
-        raise ValueError("the groups are not on one exact grid: quantize with IGQConfig(act_grid=8), or use "
-                         "group_quantize + grouped_linear")
-    return k.float().contiguous()
-
-
 def grid_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tensor, bits: int, grid: ops.Grid,
                   instance_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-quantize x and write its codes on the site's common grid: (uint8 ``v - grid.vmin`` shaped like x,
@@ -136,7 +125,7 @@ def grid_quantize(x: torch.Tensor, group_lo: torch.Tensor, group_hi: torch.Tenso
         raise ValueError(f"grid_quantize writes one byte per value: the grid spans {grid.span} levels (> 255); "
                          "use group_quantize + grouped_linear")
     lo, hi, scale, zero_point = _group_tensors(group_lo, group_hi, bits, x.device)
-    multiplier = _grid_multipliers(scale, grid).to(x.device)
+    multiplier = ops.grid_multipliers(scale, grid).to(x.device)
     codes, assignment = _quantize(_instances(x, instance_dims), lo, hi, scale, zero_point, multiplier, bits,
                                   grid.vmin, True)
     return codes.reshape(x.shape), assignment
@@ -188,6 +177,14 @@ def grouped_linear(x_codes: torch.Tensor, assignment: torch.Tensor, group_scale:
     return out.reshape(*x_codes.shape[:-1], w_codes.shape[0])
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_constants(vmin: int, step: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unused permutation, zero point -vmin, scale step) of the one-group GEMM on a grid: made once per grid and
+    device, not on every call (a host-to-device copy each)."""
+    return (torch.zeros(1, dtype=torch.int32, device=device), torch.tensor([-vmin], dtype=torch.int32, device=device),
+            torch.tensor([step], dtype=torch.float32, device=device))
+
+
 def grid_linear(grid_codes: torch.Tensor, grid: ops.Grid, w_codes: torch.Tensor, w_scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The Linear on :func:`grid_quantize` codes: one int8 GEMM, ``grid.step * w_scale`` and bias in its epilogue."""
@@ -200,10 +197,7 @@ def grid_linear(grid_codes: torch.Tensor, grid: ops.Grid, w_codes: torch.Tensor,
                          f"and {None if bias is None else tuple(bias.shape)}")
     lead = grid_codes.shape[0] if grid_codes.dim() > 2 else 1  # instances on the launch grid's first axis
     xi = grid_codes.reshape(lead, -1, grid_codes.shape[-1]).contiguous()
-    dev = grid_codes.device
-    empty = torch.zeros(1, dtype=torch.int32, device=dev)
-    zero_point = torch.tensor([-grid.vmin], dtype=torch.int32, device=dev)
-    scale = torch.tensor([grid.step], dtype=torch.float32, device=dev)
+    empty, zero_point, scale = _grid_constants(grid.vmin, grid.step, grid_codes.device)
     out = _gemm(xi, empty, empty, zero_point, scale, w_codes, w_scale.float().contiguous(),
                 None if bias is None else bias.float().contiguous(), False, out_dtype)
     return out.reshape(*grid_codes.shape[:-1], w_codes.shape[0])
@@ -311,7 +305,7 @@ class Int8IGQLinear(nn.Module):
         self.register_buffer("zero_point", zero_point.to(torch.int32))
         # what the activation kernel reads, prepared once (no host work per call)
         self.register_buffer("zero_point_f", zero_point.float())
-        self.register_buffer("multiplier", _grid_multipliers(scale, self.grid) if self.grid is not None else scale)
+        self.register_buffer("multiplier", ops.grid_multipliers(scale, self.grid) if self.grid is not None else scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_device(x)

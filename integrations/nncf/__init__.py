@@ -83,13 +83,16 @@ def _model_input(item: Any, index: int) -> Any:
     return item
 
 
+def _check_subset_size(value: Any, field: str = "subset_size") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be an int >= 1 (calibration items, batches for a DataLoader), got {value!r}")
+
+
 def _calibration_items(dataset: Any, subset_size: int) -> list:
     if not isinstance(dataset, nncf.Dataset):
         raise TypeError(f"calibration_dataset must be an nncf.Dataset, got {type(dataset).__name__}: wrap your data "
                         "as nncf.Dataset(data_source, transform_func)")
-    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1:
-        raise ValueError(f"subset_size must be an int >= 1 (calibration items, batches for a DataLoader), got "
-                         f"{subset_size!r}")
+    _check_subset_size(subset_size)
     items = []
     for index, item in enumerate(dataset.get_inference_data()):
         if index >= subset_size:
@@ -432,8 +435,7 @@ class IGQAlgorithm(_algorithm_base()):
                  ignored_scope: Optional[nncf.IgnoredScope] = None,
                  calibration_dataset: Optional["nncf.Dataset"] = None, progress: bool = True) -> None:
         self.config = _check_config(config)
-        if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1:
-            raise ValueError(f"subset_size must be an int >= 1, got {subset_size!r}")
+        _check_subset_size(subset_size)
         self.subset_size = subset_size
         self.ignored_scope = ignored_scope
         self.calibration_dataset = calibration_dataset
@@ -613,8 +615,7 @@ def create_compressed_model(model: nn.Module, config: Union[dict, str, os.PathLi
             raise ValueError(f"compression.initializer.range.num_init_samples must be an int >= 1, got {samples!r}")
         batch = dataset.get_batch_size() if isinstance(dataset, nncf.Dataset) else None
         subset_size = -(-samples // batch) if batch else samples  # NNCF 2.x counted samples, not batches
-    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1:
-        raise ValueError(f"compression.subset_size must be an int >= 1 (calibration items), got {subset_size!r}")
+    _check_subset_size(subset_size, "compression.subset_size")
     names, patterns = [], []
     if not isinstance(section.get("ignored_scopes", []), list):
         raise ValueError(f"compression.ignored_scopes must be a list of node names / \"{{re}}\" patterns, got "
