@@ -6,7 +6,7 @@
 Importing this package imports torch (and numpy/scipy on demand) only; framework adapters live
 in ``igq_plugin.integrations.<name>`` and import their framework lazily.
 """
-from . import allocation, ops
+from . import allocation, ops, qat
 from .allocation import report
 from .attention import QuantAttention, register_attention_adapter
 from .calibration import fit_group_ranges, fit_row_groups
@@ -78,6 +78,7 @@ __all__ = [
     "load",
     "report",
     "ops",
+    "qat",
     "allocation",
     "ActQuantizer",
     "SoftmaxQuantizer",

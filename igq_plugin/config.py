@@ -42,6 +42,24 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _module_bits(value: Any) -> dict[str, tuple[int, int]]:
+    """{pattern: bits or (weight_bits, act_bits)} -> {pattern: (weight_bits, act_bits)}, validated."""
+    if not isinstance(value, dict):
+        raise TypeError(f"module_bits must be a dict {{glob pattern: bits or [weight_bits, act_bits]}}, e.g. "
+                        f"{{'*.mlp.fc2': [4, 8]}}; got {type(value).__name__}")
+    out = {}
+    for pattern, bits in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"module_bits keys must be non-empty glob patterns of layer names, got {pattern!r}")
+        pair = (bits, bits) if isinstance(bits, int) and not isinstance(bits, bool) else bits
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"module_bits[{pattern!r}] must be bits (2-8) or [weight_bits, act_bits], got {bits!r}")
+        for b, what in zip(pair, ("weight bits", "act bits")):
+            check_bits(b, f"module_bits[{pattern!r}] {what}")
+        out[pattern] = (int(pair[0]), int(pair[1]))
+    return out
+
+
 def _as_patterns(value: Any, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
@@ -64,6 +82,10 @@ class IGQConfig:
         softmax_bits: bits of post-softmax attention (None: act_bits).
         embed_bits, head_bits: bits (weights and inputs) of the patch embedding and the
             classifier head; None keeps that layer in full precision.
+        module_bits: module-dependent bit widths: {glob pattern of layer names: bits} (weights and
+            inputs) or {pattern: [weight_bits, act_bits]}, e.g. {"*.mlp.fc2": [4, 8]}, for the block
+            Linears a pattern matches (the first matching pattern wins; skip, embed and head patterns
+            come first). Attention operands keep act_bits / softmax_bits.
     Activation quantization
         act_scheme: "igq" (instance-aware groups), "layer" (one static range per tensor) or
             "channel" (static per-channel ranges; a non-deployable upper reference).
@@ -155,6 +177,7 @@ class IGQConfig:
     reparam: Optional[str] = None
     embed_bits: Optional[int] = 8
     head_bits: Optional[int] = 8
+    module_bits: dict = field(default_factory=dict)
     range_update: str = DEFAULT_UPDATE
     range_quantile: float = DEFAULT_QUANTILE
     kmeans_iters: int = 100
@@ -183,6 +206,7 @@ class IGQConfig:
             value = getattr(self, name)
             if value is not None:
                 check_bits(value, name)
+        self.module_bits = _module_bits(self.module_bits)
         _check_choice(self.act_scheme, "act_scheme", ACT_SCHEMES)
         _check_choice(self.matmul_scheme, "matmul_scheme", ACT_SCHEMES)
         _check_int(self.num_groups, "num_groups", 1)
@@ -333,6 +357,7 @@ class IGQConfig:
         d = dataclasses.asdict(self)
         for key in ("skip", "embed_patterns", "head_patterns", "allocation_candidates"):
             d[key] = list(d[key])
+        d["module_bits"] = {pattern: list(bits) for pattern, bits in self.module_bits.items()}
         d["type"] = type(self).__name__
         return d
 

@@ -438,13 +438,41 @@ class _QuantWeightMixin:
         self.weight_int = torch.round(codes).to(device=self.weight.device, dtype=torch.uint8)
         self._mark_weight_calibrated()
 
+    @property
+    def learning_weight_scale(self) -> bool:
+        """True while the step sizes are a trainable Parameter (QAT, :meth:`learn_weight_scale`)."""
+        return "weight_scale" in self._parameters
+
+    def learn_weight_scale(self, learn: bool = True) -> None:
+        """Make the per-channel step sizes ``weight_scale`` a trainable Parameter (LSQ: quantized_weight
+        then passes gradients to it and to the latent weights), or a buffer again with ``learn=False``.
+        Learning needs the float weights themselves to be the latent weights: rounded codes
+        (``weight_int``, from GPTQ or reconstruction) are first written back into ``weight`` as their
+        dequantized values, so training starts from exactly the rounded model. State-dict keys do not change."""
+        if learn:
+            if not self.weight_is_calibrated:
+                raise RuntimeError("the weight quantizer is not calibrated: call calibrate_weight() or igq.convert() "
+                                   "before learning its step sizes")
+            if self.learning_weight_scale:
+                return
+            if self.weight_rounded:
+                with torch.no_grad():
+                    self.weight.copy_(self.quantized_weight())
+                self.weight_int = self.weight_int.new_empty(0)
+            value = self._buffers.pop("weight_scale").detach().clone()
+            self.register_parameter("weight_scale", nn.Parameter(value))
+        elif self.learning_weight_scale:
+            value = self._parameters.pop("weight_scale").detach().clamp_min(1e-8).clone()
+            self.register_buffer("weight_scale", value)
+
     def _mark_weight_calibrated(self) -> None:
         self.weight_is_calibrated = True
         self.weight_calibrated.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight (the float weight while the weight quantizer is uncalibrated); while
-        ``soft_rounding`` holds learned rounding variables (igq.reconstruct), the soft-rounded weight."""
+        ``soft_rounding`` holds learned rounding variables (igq.reconstruct), the soft-rounded weight;
+        while the step sizes are learned (igq_plugin.qat), the LSQ fake quantization."""
         if not (self.weight_fake_quant_enabled and self.weight_is_calibrated):
             return self.weight
         soft = self.__dict__.get("soft_rounding")
@@ -452,6 +480,8 @@ class _QuantWeightMixin:
             return ops.soft_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits, soft)
         if self.weight_rounded:
             return ops.dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight.dtype)
+        if self.learning_weight_scale:
+            return ops.lsq_fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
         return ops.fake_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits)
 
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,7 +104,8 @@ class LayerSettings:
 def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[LayerSettings]:
     """The quantization ``cfg`` gives the Linear / Conv2d ``module`` named ``name``, or None when it stays
     float (``skip``, a Conv2d other than the patch embedding, or bits None). Patch embedding and head are
-    layer-wise at ``embed_bits`` / ``head_bits``; other Linears get the block settings. Every flow that
+    layer-wise at ``embed_bits`` / ``head_bits``; other Linears get the block settings (bits from the first
+    ``module_bits`` pattern their name matches). Every flow that
     swaps layers (igq.prepare, the framework adapters) asks this one function."""
     if matches(name, cfg.skip):
         return None
@@ -113,7 +114,9 @@ def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[Lay
             return None if bits is None else LayerSettings(bits, bits, "layer", 1, block_site=False)
     if not isinstance(module, nn.Linear):
         return None  # only the patch-embedding convolution is quantized
-    return LayerSettings(cfg.weight_bits, cfg.act_bits, cfg.act_scheme, cfg.num_groups, block_site=True)
+    w_bits, a_bits = next((bits for pattern, bits in cfg.module_bits.items() if fnmatch.fnmatchcase(name, pattern)),
+                          (cfg.weight_bits, cfg.act_bits))
+    return LayerSettings(w_bits, a_bits, cfg.act_scheme, cfg.num_groups, block_site=True)
 
 
 def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *, block_site: bool = True,

@@ -60,6 +60,7 @@ from .quant import (
     quantize,
     sym_qparams,
 )
+from .qat import DISTILLATION_LOSSES, bin_regularizer, distillation_loss, lsq_fake_quantize_weight
 from .reparam import (
     fold_layernorm,
     fold_linear,
