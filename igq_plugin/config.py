@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .calibration import DEFAULT_QUANTILE, DEFAULT_UPDATE, UPDATE_RULES
+from .calibration import UPDATE_RULES
 from .ops.grid import GRID_BITS, grid_feasible
 from .ops.levels import DEFAULT_TANQ_STEEPNESS, SOFTMAX_QUANTIZERS
 from .ops.quant import check_bits
@@ -111,10 +111,14 @@ class IGQConfig:
             checked unchanged (relative error <= 1e-3) on calibration instances.
     Calibration
         range_update: range rule of the fitted groups, one of "envelope", "mean",
-            "quantile" (default; see igq_plugin.calibration), or "mse": per site, the rule
+            "quantile" (see igq_plugin.calibration), or "mse": per site, the rule
             with the least quantization error on sampled calibration tokens (softmax rows
-            keep the default rule).
-        range_quantile: q of the "quantile" rule.
+            keep the default rule). None (default) with range_quantile None: bit-aware, per
+            site by its bits (igq_plugin.calibration.BIT_AWARE_RULES, chosen on validation data by
+            benchmarks/range_rule_by_bits.py): "mean" at <= 4 bits, "quantile" q = 0.9 at 5 bits,
+            q = 0.99 from 6 bits on.
+        range_quantile: q of the "quantile" rule (None: 0.99, or the bit-aware default; a q given
+            alone selects the "quantile" rule).
         kmeans_iters: iteration cap of the group fitting.
         act_percentile: for sites whose scheme is "layer" (block Linear inputs under
             act_scheme="layer", Q/K/V operands under matmul_scheme="layer"): clip at the
@@ -178,8 +182,8 @@ class IGQConfig:
     embed_bits: Optional[int] = 8
     head_bits: Optional[int] = 8
     module_bits: dict = field(default_factory=dict)
-    range_update: str = DEFAULT_UPDATE
-    range_quantile: float = DEFAULT_QUANTILE
+    range_update: Optional[str] = None
+    range_quantile: Optional[float] = None
     kmeans_iters: int = 100
     act_percentile: Optional[float] = None
     act_grid: Optional[int] = None
@@ -223,10 +227,12 @@ class IGQConfig:
                 or not 0 < self.tanq_steepness < 1e6):
             raise ValueError(f"tanq_steepness must be a positive number (e.g. 4.0), got {self.tanq_steepness!r}")
         _check_choice(self.reparam, "reparam", REPARAMS)
-        _check_choice(self.range_update, "range_update", UPDATE_RULES)
-        if (isinstance(self.range_quantile, bool) or not isinstance(self.range_quantile, (int, float))
+        _check_choice(self.range_update, "range_update", (None,) + UPDATE_RULES)
+        if self.range_quantile is not None and (
+                isinstance(self.range_quantile, bool) or not isinstance(self.range_quantile, (int, float))
                 or not 0.5 < self.range_quantile <= 1.0):
-            raise ValueError(f"range_quantile must be a float in (0.5, 1], got {self.range_quantile!r}")
+            raise ValueError(f"range_quantile must be None (bit-aware default) or a float in (0.5, 1], got "
+                             f"{self.range_quantile!r}")
         _check_int(self.kmeans_iters, "kmeans_iters", 1)
         if self.act_percentile is not None:
             if isinstance(self.act_percentile, bool) or not isinstance(self.act_percentile, (int, float)):

@@ -26,8 +26,8 @@ written every ``checkpoint_every`` steps and at the end (student state, optimize
 generator, step, the run's settings); ``resume=True`` continues from it and reproduces the run that
 was not interrupted (settings that differ are refused). Layers whose codes came from GPTQ or block
 reconstruction start from those codes (``learn_weight_scale`` writes them back as latent weights).
-Tested with models from ``igq.quantize`` and the transformers adapter (any model whose quantizers are
-modules found by ``igq.sites``).
+Tested with models from ``igq.quantize`` (timm ViTs); the quantizers learned are those ``igq.sites``
+finds, so other adapters' models train the same way but are not tested here.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def train(
     crop_scale: Sequence[float] = (0.35, 1.0),
     lr: float = 1e-4,
     scale_lr: float = 1e-4,
-    range_lr: float = 1e-3,
+    range_lr: float = 1e-2,
     learn_weight_scales: bool = True,
     learn_ranges: bool = True,
     distill: str = "kl",

@@ -24,6 +24,7 @@ from . import ops
 from .attention import attention_adapter_for, attention_channels
 from ._inputs import check_batch, check_calibration_data, model_device, model_dtype, model_input, run_model, to_device
 from .allocation.cost import SHAPES_ATTR, record_site_shapes
+from .calibration import DEFAULT_QUANTILE, default_range_rule
 from .config import CONFIG_ATTR, IGQConfig
 from .modules import (ActQuantizer, QuantConv2d, QuantLinear, SoftmaxQuantizer, iter_quantizers,
                       set_input_error_weights, set_site_error_weights)
@@ -119,6 +120,15 @@ def layer_settings(cfg: IGQConfig, name: str, module: nn.Module) -> Optional[Lay
     return LayerSettings(w_bits, a_bits, cfg.act_scheme, cfg.num_groups, block_site=True)
 
 
+def range_rule(cfg: IGQConfig, bits: int) -> tuple[str, float]:
+    """(range_update, range_quantile) of a site of ``bits`` bits: the config's fields, or where both are
+    None the bit-aware default (igq_plugin.calibration.default_range_rule); a quantile alone means the
+    "quantile" rule, a rule alone q = 0.99."""
+    if cfg.range_update is None and cfg.range_quantile is None:
+        return default_range_rule(bits)
+    return (cfg.range_update or "quantile", cfg.range_quantile if cfg.range_quantile is not None else DEFAULT_QUANTILE)
+
+
 def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *, block_site: bool = True,
                          operand: bool = False) -> dict:
     """Keyword arguments of the ActQuantizer of one site (all but ``channels`` and ``site``);
@@ -126,7 +136,8 @@ def act_quantizer_kwargs(cfg: IGQConfig, bits: int, scheme: str, groups: int, *,
     attention ``operand``: a signed 8-bit grid, as both inputs of its matmul are activations)."""
     percentile = cfg.act_percentile if block_site and scheme == "layer" else None
     grid = None if scheme == "channel" or cfg.act_grid is None else (8 if operand else cfg.act_grid)
-    return dict(bits=bits, scheme=scheme, num_groups=groups, update=cfg.range_update, quantile=cfg.range_quantile,
+    update, quantile = range_rule(cfg, bits)
+    return dict(bits=bits, scheme=scheme, num_groups=groups, update=update, quantile=quantile,
                 kmeans_iters=cfg.kmeans_iters, percentile=percentile, grid_bits=grid, grid_signed=operand)
 
 
@@ -164,8 +175,9 @@ def attention_quantizer_kwargs(cfg: IGQConfig, tag: str) -> dict:
     """Keyword arguments (all but ``channels`` and ``site``) of the quantizer ``cfg`` gives attention site
     ``tag`` (one of ATTENTION_SITES): a SoftmaxQuantizer's for "softmax", an ActQuantizer's otherwise."""
     if tag == "softmax":
-        return dict(bits=cfg.effective_softmax_bits, num_groups=cfg.effective_softmax_groups, update=cfg.range_update,
-                    quantile=cfg.range_quantile, kmeans_iters=cfg.kmeans_iters, levels=cfg.softmax_quantizer,
+        update, quantile = range_rule(cfg, cfg.effective_softmax_bits)
+        return dict(bits=cfg.effective_softmax_bits, num_groups=cfg.effective_softmax_groups, update=update,
+                    quantile=quantile, kmeans_iters=cfg.kmeans_iters, levels=cfg.softmax_quantizer,
                     steepness=cfg.tanq_steepness)
     if tag not in ATTENTION_SITES:
         raise ValueError(f"attention site tag must be one of {ATTENTION_SITES}, got {tag!r}")

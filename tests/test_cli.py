@@ -85,14 +85,48 @@ def test_demo_command_rejects_weights_without_model(capsys):
 
 def test_demo_runs_on_real_weights_small(capsys, tmp_path):
     out = tmp_path / "demo.json"
-    rc = main(["demo", "--num-train", "60", "--num-test", "20", "--num-calib", "8", "-q", "--json", str(out)])
+    rc = main(["demo", "--num-train", "60", "--num-test", "20", "--num-calib", "8", "--bits", "4", "-q",
+               "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "Layer-wise W4A4" in text and "IGQ G=8 W4A4" in text and "probe top-1" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["FP32", "Layer-wise W4A4", "IGQ G=8 W4A4", "IGQ-plus G=8 W4A4"]
+    assert [r["method"] for r in rows] == ["FP32", "Layer-wise W4A4", "IGQ G=8 W4A4", "IGQ-plus G=8 W4A4",
+                                           "Best G=8 W4A4"]
     assert rows[0]["top1"] > 40 and all(0 <= r["top1"] <= 100 for r in rows)
     assert rows[3]["cosine"] > rows[2]["cosine"] > rows[1]["cosine"]
+    assert rows[4]["cosine"] > rows[2]["cosine"]  # the validation-chosen configuration, task-domain calibration
     deployed = json.loads(out.read_text())["deployment"]  # IGQ act_grid=8 on OpenVINO INT8, measured on OV
     assert deployed["int8_gemms"] == 12 * 6 + 1 and 0 <= deployed["top1"] <= 100 and deployed["cosine"] > 0.2
     assert set(deployed["latency_ms"]) == {"IGQ", "layer", "FP32"} and "Deployed: IGQ G=8 W4A4" in text
+
+
+def test_qat_command_trains_saves_and_resumes(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "train"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    quantized = tmp_path / "q.pt"
+    assert main(["quantize", "--model", "deit_tiny_patch16_224", "--num-calib", "2", "-q", "--w-bits", "4",
+                 "--a-bits", "4", "--module-bits", "*.mlp.fc2=6,8", "--out", str(quantized)]) == 0
+    capsys.readouterr()
+    args = ["qat", str(quantized), "--model", "deit_tiny_patch16_224", "--train-dir", str(images), "--steps", "2",
+            "--batch-size", "2", "--crops", "1", "-q"]
+    assert main(args) == 2  # neither --out nor --checkpoint: refused before any work
+    assert "--out" in capsys.readouterr().err
+    state, out = tmp_path / "state.pt", tmp_path / "t.pt"
+    assert main(args + ["--checkpoint", str(state), "--out", str(out)]) == 0
+    trained = igq.load(out, __import__("timm").create_model("deit_tiny_patch16_224", pretrained=False))
+    fc2 = trained.blocks[0].mlp.fc2
+    assert (fc2.w_bits, fc2.input_quantizer.bits, trained.blocks[0].mlp.fc1.w_bits) == (6, 8, 4)
+    assert torch.load(state, weights_only=False)["step"] == 2
+    again = tmp_path / "again.pt"  # resuming a finished run gives the same model
+    assert main(args + ["--checkpoint", str(state), "--resume", "--out", str(again)]) == 0
+    a, b = torch.load(out, weights_only=False), torch.load(again, weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert main(args + ["--checkpoint", str(state), "--resume", "--lr", "1e-3"]) == 2
+    assert "settings differ" in capsys.readouterr().err

