@@ -23,8 +23,9 @@ float teacher on every crop:
 then keeps a float copy as teacher). The model runs in eval mode (no dropout; the quantizers have no
 train-mode behaviour), so a run is deterministic on the CPU for a given ``seed``. ``checkpoint``: a file
 written every ``checkpoint_every`` steps and at the end (student state, optimizer state, random
-generator, step, the run's settings); ``resume=True`` continues from it and reproduces the run that
-was not interrupted (settings that differ are refused). Layers whose codes came from GPTQ or block
+generator, step, the run's settings); ``resume=True`` continues from it (or starts at step 0 while the
+file does not exist yet, so a preemptible job can always pass it) and reproduces the run that was not
+interrupted; settings or a starting model that differ are refused. Layers whose codes came from GPTQ or block
 reconstruction start from those codes (``learn_weight_scale`` writes them back as latent weights).
 Tested with models from ``igq.quantize`` (timm ViTs); the quantizers learned are those ``igq.sites``
 finds, so other adapters' models train the same way but are not tested here.

@@ -85,3 +85,34 @@ def test_observers_store_only_summaries_and_name_site_on_nan():
     assert rows.maxima().shape == (30,)
     with pytest.raises(ValueError, match="Inf"):
         rows.observe(torch.full((1, 1, 2, 2), float("inf")))
+
+
+def test_bit_aware_default_range_rule_per_site_bits():
+    import timm
+
+    import igq_plugin as igq
+    from igq_plugin.calibration import default_range_rule
+
+    assert [default_range_rule(b) for b in (2, 4, 5, 6, 8)] == [
+        ("mean", 0.99), ("mean", 0.99), ("quantile", 0.9), ("quantile", 0.99), ("quantile", 0.99)]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=1, img_size=32,
+                              patch_size=8, embed_dim=64, num_heads=4).eval()
+    calib = [torch.randn(4, 3, 32, 32)]
+
+    def rules(cfg):
+        q = igq.quantize(model, cfg, calib, progress=False)
+        return {s.name: (s.quantizer.update, s.quantizer.quantile) for s in igq.sites(q)}
+
+    four = rules(igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, module_bits={"*.fc2": [4, 6]}))
+    assert four["blocks.0.mlp.fc1.input_quantizer"] == ("mean", 0.99)
+    assert four["blocks.0.attn.softmax_quantizer"] == ("mean", 0.99)
+    assert four["blocks.0.mlp.fc2.input_quantizer"] == ("quantile", 0.99)  # a 6-bit site in a 4-bit model
+    assert four["patch_embed.proj.input_quantizer"] == ("quantile", 0.99)  # 8-bit embedding
+    five = rules(igq.IGQConfig(weight_bits=5, act_bits=5, num_groups=4))
+    assert five["blocks.0.mlp.fc1.input_quantizer"] == ("quantile", 0.9)
+    # either field set: the config's rule everywhere (a quantile alone selects "quantile")
+    assert set(rules(igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, range_quantile=0.95)).values()) == {
+        ("quantile", 0.95)}
+    assert set(rules(igq.IGQConfig(weight_bits=4, act_bits=4, num_groups=4, range_update="quantile")).values()) == {
+        ("quantile", 0.99)}
