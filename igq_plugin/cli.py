@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=4, help="random crops per image (multi-crop distillation; default 4)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the weights (default 1e-4)")
     p.add_argument("--scale-lr", type=float, default=1e-4, help="of the weight step sizes (default 1e-4)")
-    p.add_argument("--range-lr", type=float, default=1e-2, help="of the activation group ranges (default 1e-2)")
+    p.add_argument("--range-lr", type=float, default=None,
+                   help="of the activation group ranges (default 3e-2 with <= 3-bit activations, else 1e-2)")
     p.add_argument("--distill", choices=["kl", "mse", "cosine"], default="kl", help="distillation loss (default kl)")
     p.add_argument("--temperature", type=float, default=1.0, help="of the kl loss (default 1)")
     p.add_argument("--oscillation-weight", type=float, default=1e-3, help="bin regularizer weight (default 1e-3)")

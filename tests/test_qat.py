@@ -206,3 +206,8 @@ def test_bad_arguments_name_the_field():
         igq.qat.train(q, torch.randn(4, 10), progress=False)
     with pytest.raises(ValueError, match="no quantization sites"):
         igq.qat.train(torch.nn.Linear(2, 2), train, progress=False)
+
+
+def test_default_range_lr_follows_the_narrowest_activation_bits():
+    assert igq.qat.default_range_lr(_setup(bits=3)[1]) == 3e-2
+    assert igq.qat.default_range_lr(_setup(bits=4)[1]) == 1e-2
