@@ -22,15 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from .quant import qrange
+from .weight import _per_channel
 
 __all__ = ["DISTILLATION_LOSSES", "lsq_fake_quantize_weight", "bin_regularizer", "distillation_loss"]
 
 DISTILLATION_LOSSES = ("kl", "mse", "cosine")
 _MIN_STEP = 1e-8
-
-
-def _per_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return t.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))
 
 
 def _grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
