@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate of weights and step sizes")
+    ap.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate of the float weights")
+    ap.add_argument("--scale-lr", type=float, default=igq.qat.SCALE_LR,
+                    help="of the weight step sizes (relative: Adam on log step size)")
     ap.add_argument("--range-lrs", nargs="+", type=float, default=[1e-3, 1e-2, 3e-2], help="range learning rates tried")
     ap.add_argument("--crops", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
         def qat(start, range_lr):
             t0 = time.perf_counter()
             student = igq.qat.train(start, train, teacher=model, steps=args.steps, batch_size=args.batch_size,
-                                    crops=args.crops, lr=args.lr, scale_lr=args.lr, range_lr=range_lr, progress=False)
+                                    crops=args.crops, lr=args.lr, scale_lr=args.scale_lr, range_lr=range_lr,
+                                    progress=False)
             return student, time.perf_counter() - t0
 
         tried = []
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
             print(f"W{bits}A{bits} qat range lr {range_lr:g}: val {tried[-1][0]} ({seconds:.0f} s)", flush=True)
         val, range_lr, seconds, student = max(tried, key=lambda t: t[0])
         rows.append({"bits": f"W{bits}A{bits}",
-                     "method": f"+ igq.qat.train ({recipe}, lr {args.lr:g}, range lr {range_lr:g} chosen on val)",
+                     "method": f"+ igq.qat.train ({recipe}, lr {args.lr:g}, scale lr {args.scale_lr:g}, "
+                               f"range lr {range_lr:g} chosen on val)",
                      "val": val, "test": top1(student, test_x, test_y), "seconds": round(seconds),
                      "val_by_range_lr": {f"{t[1]:g}": t[0] for t in tried}})
         print(rows[-1], flush=True)

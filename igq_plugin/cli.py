@@ -180,7 +180,8 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     data_cfg = timm.data.resolve_data_config({}, model=teacher)
     images = _load_images(args.train_dir, timm.data.create_transform(**data_cfg), args.num_train)
     student = qat.train(qmodel, images, teacher=teacher, steps=args.steps, batch_size=args.batch_size,
-                        crops=args.crops, lr=args.lr, scale_lr=args.scale_lr, range_lr=args.range_lr,
+                        crops=args.crops, lr=args.lr, range_lr=args.range_lr,
+                        scale_lr=qat.SCALE_LR if args.scale_lr is None else args.scale_lr,
                         distill=args.distill, temperature=args.temperature,
                         oscillation_weight=args.oscillation_weight, checkpoint=args.checkpoint,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
     p.add_argument("--crops", type=int, default=4, help="random crops per image (multi-crop distillation; default 4)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the weights (default 1e-4)")
-    p.add_argument("--scale-lr", type=float, default=1e-4, help="of the weight step sizes (default 1e-4)")
+    p.add_argument("--scale-lr", type=float, default=None,
+                   help="of the weight step sizes, relative (Adam on log step size; default qat.SCALE_LR)")
     p.add_argument("--range-lr", type=float, default=None,
                    help="of the activation group ranges (default 3e-2 with <= 3-bit activations, else 1e-2)")
     p.add_argument("--distill", choices=["kl", "mse", "cosine"], default="kl", help="distillation loss (default kl)")

@@ -12,7 +12,8 @@ float teacher on every crop:
   logits, "mse" / "cosine" on features) plus ``oscillation_weight`` times the mean over quantized
   layers of the oscillation-aware bin regularizer of their latent weights (``ops.bin_regularizer``);
 * learned: every float parameter of the model (latent weights, biases, norms, embeddings; Adam,
-  ``lr``), the per-channel weight step sizes (LSQ, ``scale_lr``; ``learn_weight_scales``) and the
+  ``lr``), the per-channel weight step sizes (LSQ, ``scale_lr``, in log units: a relative change per step,
+  so 8-bit and 2-bit layers share one rate; ``learn_weight_scales``) and the
   activation group ranges and post-softmax row maxima (``range_lr``, default by bits: 3e-2 when an
   activation site has <= 3 bits, else 1e-2; ``learn_ranges``), with a cosine
   decay of all three rates to 0 over ``steps``. The IGQ assignment stays Eq. 5 on the current ranges;
@@ -50,12 +51,14 @@ from ._io import atomic_write, check_output_path
 from .modules import ActQuantizer, SoftmaxQuantizer, _QuantWeightMixin, fake_quant_disabled
 from .registry import sites
 
-__all__ = ["train", "multi_crop", "model_outputs", "fingerprint", "default_range_lr", "QAT_CHECKPOINT_VERSION"]
+__all__ = ["train", "multi_crop", "model_outputs", "fingerprint", "default_range_lr", "QAT_CHECKPOINT_VERSION",
+           "SCALE_LR"]
 
 logger = logging.getLogger("igq_plugin")
 
-QAT_CHECKPOINT_VERSION = 1
+QAT_CHECKPOINT_VERSION = 2  # 2: step sizes learned in log units (_UnitAdam state)
 _MIN_STEP = 1e-8
+SCALE_LR = 3e-3  # weight step sizes: relative change per step (Adam on log step size; _UnitAdam)
 
 
 def multi_crop(x: torch.Tensor, crops: int, *, scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
@@ -156,7 +159,7 @@ def train(
     crops: int = 4,
     crop_scale: Sequence[float] = (0.35, 1.0),
     lr: float = 1e-4,
-    scale_lr: float = 1e-4,
+    scale_lr: float = SCALE_LR,
     range_lr: Optional[float] = None,
     learn_weight_scales: bool = True,
     learn_ranges: bool = True,
@@ -224,18 +227,7 @@ def train(
                 wq.weight_int = wq.weight_int.new_empty(0)
         for q in range_quantizers:
             q.learn_ranges(True)
-        scale_params = [wq.weight_scale for wq in weights if learn_weight_scales]
-        range_params = [p for q in range_quantizers for p in q.parameters(recurse=False)]
-        special = {id(p) for p in scale_params + range_params}
-        float_params = [p for p in student.parameters() if id(p) not in special and p.is_floating_point()]
-        for p in float_params + scale_params + range_params:
-            p.requires_grad_(True)
-        groups = [{"params": float_params, "lr": lr, "base_lr": lr}]
-        if scale_params:
-            groups.append({"params": scale_params, "lr": scale_lr, "base_lr": scale_lr})
-        if range_params:
-            groups.append({"params": range_params, "lr": range_lr, "base_lr": range_lr})
-        optimizer = torch.optim.Adam(groups)
+        optimizer = _optimizer(student, weights, range_quantizers, settings)
         generator = torch.Generator().manual_seed(seed)
         if state is not None:
             student.load_state_dict(state["model"])
@@ -254,6 +246,54 @@ def train(
         student.train(was_training[0])
         teacher.train(was_training[1])
     return student
+
+
+class _UnitAdam(torch.optim.Optimizer):
+    """Adam with a per-group ``unit``: "abs" (plain Adam: each step moves a parameter by about ``lr``) or "log"
+    (positive parameters, Adam on log p: each step changes p by a factor of about exp(+-lr), so one rate fits
+    step sizes of any magnitude, e.g. an 8-bit patch embedding's 2e-4 next to a 4-bit MLP's 2e-2, and a step
+    size never crosses 0)."""
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(groups, {"betas": betas, "eps": eps, "unit": "abs"})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002 - the torch.optim signature
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            log = group["unit"] == "log"
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                grad = p.grad * p if log else p.grad  # log: d loss / d log p
+                if "m" not in state:
+                    state["t"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["t"] += 1
+                state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["t"])
+                v_hat = state["v"] / (1 - beta2 ** state["t"])
+                update = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+                if log:
+                    p.mul_(torch.exp(-update))
+                else:
+                    p.sub_(update)
+
+
+def _optimizer(student: nn.Module, weights: list, range_quantizers: list, settings: dict) -> _UnitAdam:
+    """The optimizer of train(): float parameters (latent weights included) and activation ranges in absolute
+    units (``lr``, ``range_lr``), weight step sizes in log units (``scale_lr``)."""
+    scale_params = [wq.weight_scale for wq in weights if settings["learn_weight_scales"]]
+    range_params = [p for q in range_quantizers for p in q.parameters(recurse=False)]
+    special = {id(p) for p in scale_params + range_params}
+    float_params = [p for p in student.parameters() if id(p) not in special and p.is_floating_point()]
+    for p in float_params + scale_params + range_params:
+        p.requires_grad_(True)
+    groups = [{"params": float_params, "lr": settings["lr"], "base_lr": settings["lr"], "unit": "abs"},
+              {"params": scale_params, "lr": settings["scale_lr"], "base_lr": settings["scale_lr"], "unit": "log"},
+              {"params": range_params, "lr": settings["range_lr"], "base_lr": settings["range_lr"], "unit": "abs"}]
+    return _UnitAdam([g for g in groups if g["params"]])
 
 
 # Bit-aware default of the range learning rate: (max activation bits, lr), chosen on validation images by

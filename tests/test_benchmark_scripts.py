@@ -112,3 +112,22 @@ def test_reconstruction_script_smoke(tmp_path):
     assert [r["method"].split(" (")[0] for r in rows] == [
         "FP32", "IGQConfig() calibration only", "+ igq.reconstruct", "+ igq.qat.train", "+ igq.reconstruct + igq.qat.train"]
     assert set(rows[3]["val_by_range_lr"]) == {"0.001", "0.01"} and (out / "qat_fmnist.png").stat().st_size > 0
+
+
+def test_qat_dinov2_script_smoke_and_resume(tmp_path):
+    """DINOv2-S probe rows are merged into the results file as they finish; a finished row is not recomputed."""
+    out, state = tmp_path / "res", tmp_path / "state"
+    args = ["qat_dinov2.py", "--bits", "4", "--num-train", "64", "--num-test", "32", "--steps", "1", "--batch-size", "2",
+            "--crops", "1", "--state-dir", str(state), "--out", str(out)]
+    proc = _run([*args, "--stages", "calibration", "qat"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "qat_dinov2.json").read_text())["rows"]
+    assert [(r["bits"], r["stage"]) for r in rows] == [("-", "FP32"), ("W4A4", "calibration"), ("W4A4", "qat")]
+    assert "quantizers only" in rows[2]["method"] and 0.0 <= rows[2]["top1"] <= 100.0 and rows[2]["cosine"] > 0.5
+    assert (state / "w4_qat.ckpt").is_file()  # the QAT checkpoint: a cut-off run resumes from it
+    proc = _run([*args, "--stages", "calibration", "qat"], tmp_path)  # nothing left to do: rows kept as they were
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "qat_dinov2.json").read_text())["rows"] == rows
+    assert "W4A4" not in proc.stderr  # no evaluation ran
+    proc = _run([*args, "--stages", "reconstruct+qat"], tmp_path)
+    assert proc.returncode != 0 and "needs the reconstruct stage" in proc.stderr

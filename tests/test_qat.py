@@ -128,7 +128,7 @@ def test_qat_lowers_held_out_distillation_loss_keeps_structure_and_leaves_the_in
     before_state = {k: v.clone() for k, v in q.state_dict().items()}
     groups = {s.name: s.quantizer.num_groups for s in igq.sites(q)}
     before = _kl(model, q, held_out)
-    student = igq.qat.train(q, train, steps=30, batch_size=16, crops=2, crop_scale=(0.8, 1.0), lr=1e-3, scale_lr=1e-3,
+    student = igq.qat.train(q, train, steps=30, batch_size=16, crops=2, crop_scale=(0.8, 1.0), lr=1e-3, scale_lr=1e-2,
                             progress=False)
     assert student is not q
     after = _kl(model, student, held_out)
@@ -176,6 +176,48 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         igq.qat.train(q, train, checkpoint=tmp_path / "part.pt", resume=True, **{**kwargs, "lr": 2e-3})
     with pytest.raises(ValueError, match="differs from the one"):
         igq.qat.train(full, train, checkpoint=tmp_path / "part.pt", resume=True, **kwargs)
+
+
+def test_step_sizes_learn_in_log_units():
+    from igq_plugin.qat import _UnitAdam
+
+    # Adam's first step moves every element by lr in its unit (m_hat / sqrt(v_hat) = sign of the gradient)
+    a = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    b = torch.nn.Parameter(torch.tensor([1e-4, 10.0]))
+    opt = _UnitAdam([{"params": [a], "lr": 0.1, "unit": "abs"}, {"params": [b], "lr": 0.1, "unit": "log"}])
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert torch.allclose(a.detach(), torch.tensor([0.9, -2.1]), atol=1e-6)
+    assert torch.allclose(b.detach(), torch.tensor([1e-4, 10.0]) * math.exp(-0.1), rtol=1e-5)  # relative, stays > 0
+    torch.manual_seed(0)
+    c = torch.nn.Parameter(torch.rand(5) + 0.1)
+    ref = torch.nn.Parameter(c.detach().log())
+    opt_c, opt_ref = _UnitAdam([{"params": [c], "lr": 0.05, "unit": "log"}]), torch.optim.Adam([ref], lr=0.05)
+    for _ in range(3):  # = torch's Adam on log c
+        g = torch.randn(5)
+        c.grad, ref.grad = g.clone(), g * c.detach()
+        opt_c.step()
+        opt_ref.step()
+    assert torch.allclose(c.detach().log(), ref.detach(), atol=1e-5)
+
+
+def test_layers_with_tiny_step_sizes_train_stably():
+    # a layer whose weights (and step sizes) are 1e-4 of the others (as an 8-bit patch embedding beside 4-bit
+    # MLPs): an absolute learning rate would push its step sizes through 0; in log units each changes by a
+    # bounded factor
+    model, q, train, held_out = _setup(bits=4)
+    fc1 = q.blocks[0].mlp.fc1
+    with torch.no_grad():
+        fc1.weight.mul_(1e-4)
+        fc1.weight_scale.mul_(1e-4)
+    start = fc1.weight_scale.clone()
+    steps, scale_lr = 4, 0.05
+    student = igq.qat.train(q, train, steps=steps, batch_size=8, crops=1, lr=0.0, scale_lr=scale_lr, progress=False)
+    ratio = student.blocks[0].mlp.fc1.weight_scale / start
+    assert bool(((ratio >= math.exp(-steps * scale_lr) * 0.999) & (ratio <= math.exp(steps * scale_lr) * 1.001)).all())
+    assert not torch.equal(ratio, torch.ones_like(ratio))
+    with torch.no_grad():
+        assert torch.isfinite(student(held_out)).all()
 
 
 def test_gptq_codes_are_the_starting_point_and_module_bits_apply():
