@@ -26,6 +26,7 @@ split across sessions.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -112,23 +113,27 @@ def main(argv=None) -> int:
         if not any(pending(bits, s) for s in STAGES):
             continue
         cfg, label = config("best", bits)
-        torch.manual_seed(0)
-        q = igq.quantize(model, cfg, calib, progress=False)
+        q = None
+        if any(pending(bits, s) for s in ("calibration", "qat", "reconstruct")):
+            torch.manual_seed(0)
+            q = igq.quantize(model, cfg, calib, progress=False)
         if pending(bits, "calibration"):
             score(q, bits, "calibration", f"{label} calibration only")
         if pending(bits, "qat"):
             qat(q, bits, "qat", f"+ igq.qat.train ({recipe})")
         saved = args.state_dir / f"w{bits}_reconstruct.pt"
+        r = None
         if pending(bits, "reconstruct"):
-            r = igq.quantize(model, cfg, calib, progress=False)
+            r = copy.deepcopy(q)  # reconstruct works in place; the calibrated model is the same starting point
             t0 = time.perf_counter()
             igq.reconstruct(r, rec, iters=args.iters)
             seconds = time.perf_counter() - t0
             igq.save(r, saved)
             score(r, bits, "reconstruct", f"+ igq.reconstruct ({args.rec_images} images, {args.iters} iters)", seconds)
         if pending(bits, "reconstruct+qat"):
-            r = igq.load(saved, model)
-            qat(r, bits, "reconstruct+qat", "+ igq.reconstruct + igq.qat.train (same QAT, from the reconstructed model)")
+            start = r if r is not None else igq.load(saved, model)
+            qat(start, bits, "reconstruct+qat",
+                "+ igq.reconstruct + igq.qat.train (same QAT, from the reconstructed model)")
     return 0
 
 

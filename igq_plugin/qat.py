@@ -57,7 +57,6 @@ __all__ = ["train", "multi_crop", "model_outputs", "fingerprint", "default_range
 logger = logging.getLogger("igq_plugin")
 
 QAT_CHECKPOINT_VERSION = 2  # 2: step sizes learned in log units (_UnitAdam state)
-_MIN_STEP = 1e-8
 SCALE_LR = 3e-3  # weight step sizes: relative change per step (Adam on log step size; _UnitAdam)
 
 
@@ -248,37 +247,23 @@ def train(
     return student
 
 
-class _UnitAdam(torch.optim.Optimizer):
-    """Adam with a per-group ``unit``: "abs" (plain Adam: each step moves a parameter by about ``lr``) or "log"
-    (positive parameters, Adam on log p: each step changes p by a factor of about exp(+-lr), so one rate fits
-    step sizes of any magnitude, e.g. an 8-bit patch embedding's 2e-4 next to a 4-bit MLP's 2e-2, and a step
-    size never crosses 0)."""
-
-    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        super().__init__(groups, {"betas": betas, "eps": eps, "unit": "abs"})
+class _UnitAdam(torch.optim.Adam):
+    """torch's Adam with a per-group ``unit``: "abs" (plain Adam: each step moves a parameter by about ``lr``) or
+    "log" (positive parameters, Adam on log p: each step changes p by a factor of about exp(+-lr), so one rate
+    fits step sizes of any magnitude, e.g. an 8-bit patch embedding's 2e-4 next to a 4-bit MLP's 2e-2, and a
+    step size never crosses 0). A log group is stepped as log p with gradient p * dL/dp, then mapped back."""
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ARG002 - the torch.optim signature
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            log = group["unit"] == "log"
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                grad = p.grad * p if log else p.grad  # log: d loss / d log p
-                if "m" not in state:
-                    state["t"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
-                state["t"] += 1
-                state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = state["m"] / (1 - beta1 ** state["t"])
-                v_hat = state["v"] / (1 - beta2 ** state["t"])
-                update = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
-                if log:
-                    p.mul_(torch.exp(-update))
-                else:
-                    p.sub_(update)
+    def step(self, closure=None):
+        logs = [p for g in self.param_groups if g.get("unit") == "log" for p in g["params"] if p.grad is not None]
+        for p in logs:
+            p.grad.mul_(p)  # d loss / d log p
+            p.log_()
+        try:
+            return super().step(closure)
+        finally:
+            for p in logs:
+                p.exp_()
 
 
 def _optimizer(student: nn.Module, weights: list, range_quantizers: list, settings: dict) -> _UnitAdam:
@@ -376,11 +361,7 @@ def _loop(student, teacher, teacher_ctx_model, weights, optimizer, generator, in
                                          "range_lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for wq in weights:
-                    if wq.learning_weight_scale:
-                        wq.weight_scale.clamp_(min=_MIN_STEP)
+            optimizer.step()  # step sizes stay positive: they are learned in log units
             bar.update(1)
             bar.set_postfix(distill=f"{distill.item():.4f}", reg=f"{reg.item():.3f}")
             done = step + 1
