@@ -477,7 +477,8 @@ class _QuantWeightMixin:
             return self.weight
         soft = self.__dict__.get("soft_rounding")
         if soft is not None:
-            return ops.soft_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits, soft)
+            return ops.soft_quantize_weight(self.weight, self.weight_scale, self.weight_zero_point, self.w_bits, soft,
+                                            base=self.__dict__.get("soft_rounding_base"))
         if self.weight_rounded:
             return ops.dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight.dtype)
         if self.learning_weight_scale:

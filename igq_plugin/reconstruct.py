@@ -10,7 +10,8 @@ upstream:
 * inputs: the block's input in the quantized model (upstream blocks already reconstructed) and in the
   float model (every fake quantization off); target: the float block's output on the float input;
 * learned: the soft rounding of every weight in the block (AdaRound: ``ops.soft_quantize_weight``,
-  variables initialised at the float weights, a regularizer annealed from beta 20 to 2 after a
+  starting from the layer's codes: GPTQ's where ``weight_rounding="gptq"`` chose them, else at the
+  float weights (``ops.soft_rounding_start``); a regularizer annealed from beta 20 to 2 after a
   20 % warm-up pushes them to hard decisions) and, with ``learn_ranges``, the block's activation
   group ranges and post-softmax row maxima (LSQ-style gradients of the igq ops); the Eq. 5 assignment
   stays the op's, on the current ranges;
@@ -189,12 +190,15 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
     quantizers = _block_quantizers(qmodel, name) if learn_ranges else []
     saved = [(wq, wq.weight_int.clone(), wq.weight_scale.clone(), wq.weight_zero_point.clone()) for wq in weights]
     saved_ranges = [(q, {r: getattr(q, r).detach().clone() for r in q._RANGES}) for q in quantizers]
-    soft, frozen, done = [], [], False
+    soft, bases, frozen, done = [], [], [], False
     try:
-        for wq in weights:
-            v = ops.soft_rounding_init(wq.weight.detach(), wq.weight_scale).requires_grad_(True)
-            wq.__dict__["soft_rounding"] = v
+        for wq in weights:  # from the layer's codes (GPTQ's, or round-to-nearest of the float weights)
+            base, v = ops.soft_rounding_start(wq.weight.detach(), wq.weight_scale, wq.weight_zero_point,
+                                              wq.weight_int if wq.weight_rounded else None)
+            v.requires_grad_(True)
+            wq.__dict__["soft_rounding"], wq.__dict__["soft_rounding_base"] = v, base
             soft.append(v)
+            bases.append(base)
         for q in quantizers:
             q.learn_ranges(True)
         range_params = [p for q in quantizers for p in q.parameters(recurse=False)]
@@ -209,10 +213,13 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
         for p in frozen:
             p.requires_grad_(True)
         with torch.no_grad():
-            for (wq, codes, scale, zero_point), v in zip(saved, soft + [None] * (len(saved) - len(soft))):
+            missing = [None] * (len(saved) - len(soft))
+            for (wq, codes, scale, zero_point), v, base in zip(saved, soft + missing, bases + missing):
                 wq.__dict__.pop("soft_rounding", None)
+                wq.__dict__.pop("soft_rounding_base", None)
                 if done:
-                    codes = ops.soft_rounding_codes(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v)
+                    codes = ops.soft_rounding_codes(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v,
+                                                    base)
                     wq.set_weight_codes(codes, wq.weight_scale.clone(), wq.weight_zero_point.clone())
                 else:  # a failed block keeps the weights it had
                     wq.weight_int = codes

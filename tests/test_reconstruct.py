@@ -27,6 +27,28 @@ def test_soft_rounding_values_by_hand():
     assert torch.equal(up, torch.tensor([[0.5, -0.5, 1.0]]))
 
 
+def test_soft_rounding_starts_from_given_codes_by_hand():
+    # w / s = 0.3, 0.3, 1.7, -0.4, 2.9 with codes - z = 0, 1, 1, 0, 1 (GPTQ may pick the farther code, or one
+    # more than a step away): each pair holds its code, h leans at least 0.05 past 1/2 toward it
+    scale, zero = torch.tensor([0.5]), torch.tensor([8.0])
+    w = torch.tensor([[0.3, 0.3, 1.7, -0.4, 2.9]]) * 0.5
+    codes = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0]]) + 8
+    base, v = ops.soft_rounding_start(w, scale, zero, codes)
+    assert torch.equal(base, torch.tensor([[0.0, 0.0, 1.0, -1.0, 1.0]]))
+    assert torch.allclose(ops.soft_rounding_h(v), torch.tensor([[0.3, 0.55, 0.45, 0.6, 0.45]]), atol=1e-5)
+    assert torch.equal(ops.soft_rounding_codes(w, scale, zero, 4, v, base), codes)
+    hard = ops.soft_quantize_weight(w, scale, zero, 4, v, hard=True, base=base)
+    assert torch.equal(hard, ops.dequantize_weight(codes, scale, zero, torch.float32))
+    soft = ops.soft_quantize_weight(w, scale, zero, 4, v, base=base)  # (base + h) * s
+    assert torch.allclose(soft, torch.tensor([[0.3, 0.55, 1.45, -0.4, 1.45]]) * 0.5, atol=1e-5)
+    # without codes: AdaRound's start at the float weights
+    base, v = ops.soft_rounding_start(w, scale, zero)
+    assert torch.equal(base, torch.tensor([[0.0, 0.0, 1.0, -1.0, 2.0]]))
+    assert torch.allclose(v, ops.soft_rounding_init(w, scale))
+    with pytest.raises(ValueError, match="shape"):
+        ops.soft_rounding_start(w, scale, zero, codes[:, :2])
+
+
 def _setup(depth=3, seed=0):
     torch.manual_seed(seed)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=depth, img_size=32,
@@ -64,6 +86,22 @@ def test_zero_iterations_keep_round_to_nearest():
     cfg = igq.IGQConfig(weight_bits=4, act_bits=4)
     q = igq.quantize(model, cfg, calib, progress=False)
     r = igq.reconstruct(igq.quantize(model, cfg, calib, progress=False), rec, iters=0, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(r(held_out), q(held_out), atol=1e-5)
+
+
+def test_zero_iterations_keep_gptq_codes():
+    model, calib, rec, held_out = _setup(depth=1)
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4, weight_rounding="gptq")
+    q = igq.quantize(model, cfg, calib, progress=False)
+    r = igq.reconstruct(igq.quantize(model, cfg, calib, progress=False), rec, iters=0, progress=False)
+    rounded = [(s.name, s.weight_quantizer) for s in igq.sites(q, "linear_input") if s.weight_quantizer.weight_rounded]
+    assert rounded
+    ours = {s.name: s.weight_quantizer for s in igq.sites(r, "linear_input")}
+    for name, wq in rounded:  # the codes GPTQ chose, not round-to-nearest of the float weights
+        assert torch.equal(ours[name].weight_int, wq.weight_int), name
+        rtn = ops.quantize_weight(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits)
+        assert not torch.equal(rtn.to(torch.uint8), wq.weight_int), name  # GPTQ moved some codes
     with torch.no_grad():
         assert torch.allclose(r(held_out), q(held_out), atol=1e-5)
 

@@ -5,6 +5,8 @@ per output channel on [P_eps, P_(100-eps)] of that channel's values (eps in perc
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .quant import asym_qparams, dequantize, fake_quantize, qrange, quantize
@@ -132,32 +134,71 @@ def soft_rounding_h(v: torch.Tensor) -> torch.Tensor:
 
 def soft_rounding_init(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Variables v with h(v) = frac(w / s): the soft rounding starts at the float weights."""
-    gamma, zeta = SOFT_ROUNDING_STRETCH
     ratio = w / _per_channel(scale, w)
-    frac = (ratio - torch.floor(ratio)).clamp(1e-4, 1 - 1e-4)
-    return -torch.log((zeta - gamma) / (frac - gamma) - 1.0)
+    return _soft_rounding_inverse(ratio - torch.floor(ratio))
+
+
+def _soft_rounding_inverse(h: torch.Tensor) -> torch.Tensor:
+    gamma, zeta = SOFT_ROUNDING_STRETCH
+    h = h.clamp(1e-4, 1 - 1e-4)
+    return -torch.log((zeta - gamma) / (h - gamma) - 1.0)
+
+
+# How far past 1/2 soft rounding that starts from given codes leans toward them where the float weight
+# itself lies nearer the other choice (so the hard codes at the start are exactly the given ones).
+SOFT_ROUNDING_CODE_MARGIN = 0.05
+
+
+def soft_rounding_start(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        codes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, v) for learned rounding between ``base`` and ``base + 1`` (integers, w's dtype, before the
+    zero point) with variables ``v``.
+
+    Without ``codes``: base = floor(w / s) and h(v) = frac(w / s), AdaRound's start at the float weights.
+    With ``codes`` (integer codes including the zero point, e.g. GPTQ's): the pair holds the given code
+    (base = code - z where w / s >= code - z, else code - z - 1) and h(v) starts at w / s - base, pushed to
+    at least ``SOFT_ROUNDING_CODE_MARGIN`` past 1/2 on the side of the code, so the hard rounding at the
+    start reproduces ``codes`` exactly and the regularizer / loss may still move each weight either way.
+    """
+    ratio = w / _per_channel(scale, w)
+    if codes is None:
+        base = torch.floor(ratio)
+        return base, _soft_rounding_inverse(ratio - base)
+    if codes.shape != w.shape:
+        raise ValueError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(w.shape)}")
+    target = codes.to(w.dtype) - _per_channel(zero_point, w)
+    up = ratio < target  # the code is the upper choice of its pair
+    base = torch.where(up, target - 1, target)
+    frac = (ratio - base).clamp(0.0, 1.0)
+    half = 0.5 + SOFT_ROUNDING_CODE_MARGIN
+    h = torch.where(up, frac.clamp_min(half), frac.clamp_max(1.0 - half))
+    return base, _soft_rounding_inverse(h)
 
 
 def soft_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                         v: torch.Tensor, hard: bool = False) -> torch.Tensor:
+                         v: torch.Tensor, hard: bool = False, base: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weights rounded down or up by learned variables ``v`` (shape of w):
-    ``s (clamp(floor(w / s) + h(v) + z) - z)``; ``hard`` rounds up where h(v) >= 0.5 (the codes
-    igq.reconstruct keeps). Gradients reach v, not w."""
+    ``s (clamp(base + h(v) + z) - z)``, base = floor(w / s) unless given (``soft_rounding_start``); ``hard``
+    rounds up where h(v) >= 0.5 (the codes igq.reconstruct keeps). Gradients reach v, not w."""
     s, z = _per_channel(scale, w), _per_channel(zero_point, w)
     if hard:
-        return (soft_rounding_codes(w, scale, zero_point, bits, v) - z) * s
+        return (soft_rounding_codes(w, scale, zero_point, bits, v, base) - z) * s
     qmin, qmax = qrange(bits)
-    return (torch.clamp(torch.floor(w.detach() / s) + soft_rounding_h(v) + z, qmin, qmax) - z) * s
+    if base is None:
+        base = torch.floor(w.detach() / s)
+    return (torch.clamp(base + soft_rounding_h(v) + z, qmin, qmax) - z) * s
 
 
 def soft_rounding_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                        v: torch.Tensor) -> torch.Tensor:
-    """The integer codes (w's dtype) learned rounding variables ``v`` choose: w / s rounded up where
-    h(v) >= 0.5, down elsewhere, plus the zero point, clamped to the code range."""
+                        v: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The integer codes (w's dtype) learned rounding variables ``v`` choose: base (default floor(w / s))
+    plus one where h(v) >= 0.5, plus the zero point, clamped to the code range."""
     qmin, qmax = qrange(bits)
     s, z = _per_channel(scale, w), _per_channel(zero_point, w)
     up = (soft_rounding_h(v) >= 0.5).to(w.dtype)
-    return torch.clamp(torch.floor(w.detach() / s) + up + z, qmin, qmax)
+    if base is None:
+        base = torch.floor(w.detach() / s)
+    return torch.clamp(base + up + z, qmin, qmax)
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
