@@ -4,12 +4,15 @@ Every site quantized (IGQConfig(weight_bits=b, act_bits=b): IGQ G=8 Linear input
 rows, patch embedding and head at 8 bits), calibrated on 32 training images (as accuracy.py). Then:
 * "+ igq.reconstruct": its defaults (200 iterations per block) on --rec-images training images;
 * "+ igq.qat.train": --steps steps of multi-crop distillation from the FP model on --train-images
-  training images; the range learning rate is chosen among --range-lrs on --val-images held-out
-  *training* images (never the test split); the test split is scored once per row;
+  training images; the range learning rate (and the float weights' rate) is chosen among --range-lrs
+  (--lrs) on --val-images held-out *training* images (never the test split); the test split is scored
+  once per row;
 * "+ igq.reconstruct + igq.qat.train": QAT (the chosen range learning rate) from the reconstructed model.
 Top-1 on the first --num-test test images, and on the validation images.
 
     python benchmarks/qat.py                       # W4A4, W3A3, W2A2; about 40 minutes on 2 cores
+    python benchmarks/qat.py --bits 2 --steps 1500 --range-lrs 3e-2 --lrs 1e-4 3e-4 --no-reconstruct \
+        --name qat_fmnist_w2a2_long                # W2A2, 5x the steps; about 1 hour on 2 cores
     python benchmarks/qat.py --bits 2 --steps 50 --range-lrs 1e-2 --num-test 200 --out /tmp/qat   # smoke
 """
 from __future__ import annotations
@@ -40,10 +43,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate of the float weights")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="QAT learning rates of the float weights tried")
     ap.add_argument("--scale-lr", type=float, default=igq.qat.SCALE_LR,
                     help="of the weight step sizes (relative: Adam on log step size)")
     ap.add_argument("--range-lrs", nargs="+", type=float, default=[1e-3, 1e-2, 3e-2], help="range learning rates tried")
+    ap.add_argument("--oscillation-weight", type=float, default=1e-3, help="of the bin regularizer (qat.train's default)")
     ap.add_argument("--crops", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train-images", type=int, default=4000)
@@ -52,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-test", type=int, default=2000)
     ap.add_argument("--no-reconstruct", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="qat_fmnist", help="results file stem")
     args = ap.parse_args(argv)
 
     model = load_fmnist_vit()
@@ -82,30 +87,35 @@ def main(argv=None) -> int:
             rows.append({"bits": f"W{bits}A{bits}", "method": f"+ igq.reconstruct ({args.rec_images} images, 200 iters)",
                          "val": top1(r, val_x, val_y), "test": top1(r, test_x, test_y), "seconds": round(seconds)})
             print(rows[-1], flush=True)
-        recipe = f"{args.steps} steps x {args.batch_size} images x {args.crops} crops, {args.train_images} images"
+        recipe = (f"{args.steps} steps x {args.batch_size} images x {args.crops} crops, {args.train_images} images, "
+                  f"bin regularizer {args.oscillation_weight:g}")
 
-        def qat(start, range_lr):
+        def qat(start, lr, range_lr):
             t0 = time.perf_counter()
             student = igq.qat.train(start, train, teacher=model, steps=args.steps, batch_size=args.batch_size,
-                                    crops=args.crops, lr=args.lr, scale_lr=args.scale_lr, range_lr=range_lr,
-                                    progress=False)
+                                    crops=args.crops, lr=lr, scale_lr=args.scale_lr, range_lr=range_lr,
+                                    oscillation_weight=args.oscillation_weight, progress=False)
             return student, time.perf_counter() - t0
 
         tried = []
-        for range_lr in args.range_lrs:
-            student, seconds = qat(q, range_lr)
-            tried.append((top1(student, val_x, val_y), range_lr, seconds, student))
-            print(f"W{bits}A{bits} qat range lr {range_lr:g}: val {tried[-1][0]} ({seconds:.0f} s)", flush=True)
-        val, range_lr, seconds, student = max(tried, key=lambda t: t[0])
+        for lr in args.lrs:
+            for range_lr in args.range_lrs:
+                student, seconds = qat(q, lr, range_lr)
+                tried.append((top1(student, val_x, val_y), lr, range_lr, seconds, student))
+                print(f"W{bits}A{bits} qat lr {lr:g} range lr {range_lr:g}: val {tried[-1][0]} ({seconds:.0f} s)",
+                      flush=True)
+        val, lr, range_lr, seconds, student = max(tried, key=lambda t: t[0])
+        chosen = "range lr" if len(args.lrs) == 1 else "lr, range lr"
         rows.append({"bits": f"W{bits}A{bits}",
-                     "method": f"+ igq.qat.train ({recipe}, lr {args.lr:g}, scale lr {args.scale_lr:g}, "
-                               f"range lr {range_lr:g} chosen on val)",
+                     "method": f"+ igq.qat.train ({recipe}, lr {lr:g}, scale lr {args.scale_lr:g}, "
+                               f"range lr {range_lr:g}; {chosen} chosen on val)",
                      "val": val, "test": top1(student, test_x, test_y), "seconds": round(seconds),
-                     "val_by_range_lr": {f"{t[1]:g}": t[0] for t in tried}})
+                     "val_by_lr_range_lr": {f"{t[1]:g},{t[2]:g}": t[0] for t in tried}})
         print(rows[-1], flush=True)
         if r is not None:
-            student, seconds = qat(r, range_lr)
-            rows.append({"bits": f"W{bits}A{bits}", "method": f"+ igq.reconstruct + igq.qat.train (range lr {range_lr:g})",
+            student, seconds = qat(r, lr, range_lr)
+            rows.append({"bits": f"W{bits}A{bits}", "method": f"+ igq.reconstruct + igq.qat.train (lr {lr:g}, "
+                                                              f"range lr {range_lr:g})",
                          "val": top1(student, val_x, val_y), "test": top1(student, test_x, test_y),
                          "seconds": round(seconds)})
             print(rows[-1], flush=True)
@@ -113,11 +123,11 @@ def main(argv=None) -> int:
     meta = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
             "fp_test": rows[0]["test"]}
     args.out.mkdir(parents=True, exist_ok=True)
-    save_json(args.out / "qat_fmnist.json", {"meta": meta, "rows": rows})
-    write_markdown(args.out / "qat_fmnist.md", "Fashion-MNIST ViT: calibration vs reconstruction vs QAT "
+    save_json(args.out / f"{args.name}.json", {"meta": meta, "rows": rows})
+    write_markdown(args.out / f"{args.name}.md", "Fashion-MNIST ViT: calibration vs reconstruction vs QAT "
                    "(every site quantized; top-1 %, val = held-out training images)",
                    rows, ["bits", "method", "val", "test", "seconds"], meta)
-    plot(rows, args.out / "qat_fmnist.png")
+    plot(rows, args.out / f"{args.name}.png")
     return 0
 
 

@@ -104,14 +104,15 @@ def test_reconstruction_script_smoke(tmp_path):
                                            "+ igq.reconstruct (16 images, 2 iters)"]
     assert all(0.0 <= r["top1"] <= 100.0 for r in rows)
     assert "calibration only" in (out / "reconstruction.md").read_text()
-    proc = _run(["qat.py", "--bits", "3", "--steps", "2", "--range-lrs", "1e-3", "1e-2", "--batch-size", "4",
-                 "--train-images", "32", "--rec-images", "16", "--val-images", "32", "--num-test", "32", "--out",
-                 str(out)], tmp_path)
+    proc = _run(["qat.py", "--bits", "3", "--steps", "2", "--range-lrs", "1e-3", "1e-2", "--lrs", "1e-4", "0",
+                 "--batch-size", "4", "--train-images", "32", "--rec-images", "16", "--val-images", "32", "--num-test",
+                 "32", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "qat_fmnist.json").read_text())["rows"]
     assert [r["method"].split(" (")[0] for r in rows] == [
         "FP32", "IGQConfig() calibration only", "+ igq.reconstruct", "+ igq.qat.train", "+ igq.reconstruct + igq.qat.train"]
-    assert set(rows[3]["val_by_range_lr"]) == {"0.001", "0.01"} and (out / "qat_fmnist.png").stat().st_size > 0
+    assert set(rows[3]["val_by_lr_range_lr"]) == {"0.0001,0.001", "0.0001,0.01", "0,0.001", "0,0.01"}
+    assert (out / "qat_fmnist.png").stat().st_size > 0
 
 
 def test_qat_dinov2_script_smoke_and_resume(tmp_path):
