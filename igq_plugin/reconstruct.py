@@ -8,7 +8,9 @@ model's block list, e.g. ``blocks.0`` ... ``blocks.11``), with the quantized mod
 upstream:
 
 * inputs: the block's input in the quantized model (upstream blocks already reconstructed) and in the
-  float model (every fake quantization off); target: the float block's output on the float input;
+  float model (every fake quantization off); target: the float block's output on the float input.
+  For the next block of one nn.Sequential (timm's ``blocks``) they are the previous block's outputs,
+  so the model runs up to the first block only;
 * learned: the soft rounding of every weight in the block (AdaRound: ``ops.soft_quantize_weight``,
   starting from the layer's codes: GPTQ's where ``weight_rounding="gptq"`` chose them, else at the
   float weights (``ops.soft_rounding_start``); a regularizer annealed from beta 20 to 2 after a
@@ -21,7 +23,7 @@ upstream:
 
 The float model is the quantized model with fake quantization off (its weights stay float), so no
 second copy is kept; block inputs and targets for the reconstruction images stay in memory (about
-3 x images x tokens x width floats, 400 MB for DINOv2-S on 1024 images). Blocks must take one
+3 x images x tokens x width floats, 4 x between blocks: 400 / 540 MB for DINOv2-S on 1024 images). Blocks must take one
 tensor and return one tensor (timm ViT / DeiT / DINOv2 blocks), and hold their quantizers as modules
 (``igq.quantize``; not NNCF hooks or torch.ao graphs, whose quantizers run outside the block: refused).
 Weight step sizes stay those of calibration (not learned). A block that fails keeps its weights and ranges. Ranges learned here are not moved
@@ -87,6 +89,20 @@ def _capture(model: nn.Module, block: nn.Module, inputs: torch.Tensor, batch_siz
     finally:
         handle.remove()
     return torch.cat(found)
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([_one_tensor(block, block(x[i:i + batch_size]), "returns") for i in range(0, x.shape[0], batch_size)])
+
+
+def _follows(model: nn.Module, before: str, name: str) -> bool:
+    """True when block ``name`` takes exactly block ``before``'s output: consecutive children of one
+    nn.Sequential (timm's ``blocks``), so its inputs come from running one block, not the model."""
+    parent, _, index = name.rpartition(".")
+    parent_before, _, index_before = before.rpartition(".")
+    if parent != parent_before or not (index.isdigit() and index_before.isdigit()):
+        return False
+    return int(index) == int(index_before) + 1 and isinstance(model.get_submodule(parent), nn.Sequential)
 
 
 def _block_weights(model: nn.Module, name: str) -> list:
@@ -155,17 +171,24 @@ def reconstruct(
     for name in names:  # before anything changes
         _check_block(qmodel, name, qmodel.get_submodule(name))
     try:
+        previous = None  # (name, block, its quantized input, its float output)
         for name in tqdm(names, desc="igq reconstruct", unit="block", disable=not progress):
             block = qmodel.get_submodule(name)
             with torch.no_grad():
-                x_q = _capture(qmodel, block, inputs, batch_size)
+                if previous is not None and _follows(qmodel, previous[0], name):
+                    # the next block of one nn.Sequential: its inputs are the previous block's outputs
+                    x_q, x_fp = _run_block(previous[1], previous[2], batch_size), previous[3]
+                else:  # run the model up to the block
+                    x_q = _capture(qmodel, block, inputs, batch_size)
+                    with fake_quant_disabled(qmodel):
+                        x_fp = _capture(qmodel, block, inputs, batch_size)
+                previous = None
                 with fake_quant_disabled(qmodel):
-                    x_fp = _capture(qmodel, block, inputs, batch_size)
-                    y_fp = torch.cat([_one_tensor(block, block(x_fp[i:i + batch_size]), "returns")
-                                      for i in range(0, x_fp.shape[0], batch_size)])
+                    y_fp = _run_block(block, x_fp, batch_size)
             _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, iters=iters, batch_size=batch_size, lr=lr,
                                range_lr=range_lr, learn_ranges=learn_ranges, qdrop=qdrop, round_weight=round_weight,
                                generator=generator)
+            previous = (name, block, x_q, y_fp)
     finally:
         qmodel.train(was_training)
     return qmodel

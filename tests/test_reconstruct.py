@@ -106,6 +106,29 @@ def test_zero_iterations_keep_gptq_codes():
         assert torch.allclose(r(held_out), q(held_out), atol=1e-5)
 
 
+def test_chained_block_inputs_equal_running_the_model(monkeypatch):
+    """Consecutive blocks of one nn.Sequential take the previous block's outputs instead of running the model
+    up to each block: the same reconstruction, bit for bit."""
+    import sys
+
+    rec_module = sys.modules["igq_plugin.reconstruct"]  # the package exports the function under the module's name
+    model, calib, rec, held_out = _setup(depth=3)
+    cfg = igq.IGQConfig(weight_bits=4, act_bits=4)
+    chained = igq.reconstruct(igq.quantize(model, cfg, calib, progress=False), rec, iters=3, progress=False)
+    assert rec_module._follows(chained, "blocks.0", "blocks.1")
+    assert not rec_module._follows(chained, "blocks.0", "blocks.2")
+    captured = []
+    real_capture = rec_module._capture
+    monkeypatch.setattr(rec_module, "_follows", lambda *a: False)
+    monkeypatch.setattr(rec_module, "_capture", lambda *a: captured.append(1) or real_capture(*a))
+    again = igq.reconstruct(igq.quantize(model, cfg, calib, progress=False), rec, iters=3, progress=False)
+    assert len(captured) == 6  # every block, quantized and float
+    for key, value in chained.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    with torch.no_grad():
+        assert torch.equal(chained(held_out), again(held_out))
+
+
 def test_bad_arguments_are_refused():
     from nets import MLP
 
