@@ -75,6 +75,8 @@ def main(argv=None) -> int:
               + ("quantizers only" if args.lr == 0 else f"lr {args.lr:g}"))
 
     def record(row: dict) -> None:
+        if path.is_file():  # rows another run (another bit width or stage) wrote meanwhile are kept
+            done[:] = json.loads(path.read_text())["rows"]
         keep = [r for r in done if (r["bits"], r["stage"]) != (row["bits"], row["stage"])]
         done[:] = keep + [row]
         done.sort(key=lambda r: (r["bits"] != "-", -int(r["bits"][1]) if r["bits"] != "-" else 0,
