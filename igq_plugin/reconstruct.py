@@ -23,8 +23,8 @@ upstream:
 
 The float model is the quantized model with fake quantization off (its weights stay float), so no
 second copy is kept; block inputs and targets for the reconstruction images stay in memory (about
-3 x images x tokens x width floats, 4 x between blocks: 400 / 540 MB for DINOv2-S on 1024 images). Blocks must take one
-tensor and return one tensor (timm ViT / DeiT / DINOv2 blocks), and hold their quantizers as modules
+3 x images x tokens x width floats, briefly 4 x between blocks: 400 / 530 MB for DINOv2-S on 1024
+images). Blocks must take one tensor and return one tensor (timm ViT / DeiT / DINOv2 blocks), and hold their quantizers as modules
 (``igq.quantize``; not NNCF hooks or torch.ao graphs, whose quantizers run outside the block: refused).
 Weight step sizes stay those of calibration (not learned). A block that fails keeps its weights and ranges. Ranges learned here are not moved
 back onto an ``act_grid`` grid (an exported model re-codes them onto the approximate 16-bit grid).
