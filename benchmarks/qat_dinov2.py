@@ -68,15 +68,17 @@ def main(argv=None) -> int:
                          f"in {args.state_dir})")
 
     path = args.out / "qat_dinov2.json"
-    done = json.loads(path.read_text())["rows"] if path.is_file() else []
+    def stored() -> list[dict]:
+        return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+    done = stored()
     model, task, calib, rec = build("dinov2", args)
     train = torch.cat([task.transform(task.train_images[i:i + 64]) for i in range(0, args.num_train, 64)])
     recipe = (f"{args.steps} steps x {args.batch_size} images x {args.crops} crops of {args.num_train} images, cosine, "
               + ("quantizers only" if args.lr == 0 else f"lr {args.lr:g}"))
 
     def record(row: dict) -> None:
-        if path.is_file():  # rows another run (another bit width or stage) wrote meanwhile are kept
-            done[:] = json.loads(path.read_text())["rows"]
+        done[:] = stored()  # rows another run (another bit width or stage) wrote meanwhile are kept
         keep = [r for r in done if (r["bits"], r["stage"]) != (row["bits"], row["stage"])]
         done[:] = keep + [row]
         done.sort(key=lambda r: (r["bits"] != "-", -int(r["bits"][1]) if r["bits"] != "-" else 0,

@@ -213,7 +213,7 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
     quantizers = _block_quantizers(qmodel, name) if learn_ranges else []
     saved = [(wq, wq.weight_int.clone(), wq.weight_scale.clone(), wq.weight_zero_point.clone()) for wq in weights]
     saved_ranges = [(q, {r: getattr(q, r).detach().clone() for r in q._RANGES}) for q in quantizers]
-    soft, bases, frozen, done = [], [], [], False
+    soft, frozen, done = [], [], False
     try:
         for wq in weights:  # from the layer's codes (GPTQ's, or round-to-nearest of the float weights)
             base, v = ops.soft_rounding_start(wq.weight.detach(), wq.weight_scale, wq.weight_zero_point,
@@ -221,7 +221,6 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
             v.requires_grad_(True)
             wq.__dict__["soft_rounding"], wq.__dict__["soft_rounding_base"] = v, base
             soft.append(v)
-            bases.append(base)
         for q in quantizers:
             q.learn_ranges(True)
         range_params = [p for q in quantizers for p in q.parameters(recurse=False)]
@@ -236,10 +235,9 @@ def _reconstruct_block(qmodel, name, block, x_q, x_fp, y_fp, *, iters, batch_siz
         for p in frozen:
             p.requires_grad_(True)
         with torch.no_grad():
-            missing = [None] * (len(saved) - len(soft))
-            for (wq, codes, scale, zero_point), v, base in zip(saved, soft + missing, bases + missing):
-                wq.__dict__.pop("soft_rounding", None)
-                wq.__dict__.pop("soft_rounding_base", None)
+            for wq, codes, scale, zero_point in saved:
+                v = wq.__dict__.pop("soft_rounding", None)
+                base = wq.__dict__.pop("soft_rounding_base", None)
                 if done:
                     codes = ops.soft_rounding_codes(wq.weight, wq.weight_scale, wq.weight_zero_point, wq.w_bits, v,
                                                     base)

@@ -71,6 +71,6 @@ from .reparam import (
     reparam_ranges,
     reparam_target_zero_point,
 )
-from .weight import WEIGHT_CLIPPINGS, WEIGHT_ROUNDINGS, SOFT_ROUNDING_STRETCH, clipped_weight_qparams, default_weight_percentile, dequantize_weight, fake_quantize_weight, mse_weight_qparams, quantize_weight, rounding_regularizer, soft_quantize_weight, soft_rounding_codes, soft_rounding_h, soft_rounding_init, soft_rounding_start, weight_qparams
+from .weight import WEIGHT_CLIPPINGS, WEIGHT_ROUNDINGS, SOFT_ROUNDING_CODE_MARGIN, SOFT_ROUNDING_STRETCH, clipped_weight_qparams, default_weight_percentile, dequantize_weight, fake_quantize_weight, mse_weight_qparams, quantize_weight, rounding_regularizer, soft_quantize_weight, soft_rounding_codes, soft_rounding_h, soft_rounding_init, soft_rounding_start, weight_qparams
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -22,6 +22,8 @@ __all__ = [
     "fake_quantize_weight",
     "SOFT_ROUNDING_STRETCH",
     "soft_rounding_init",
+    "soft_rounding_start",
+    "SOFT_ROUNDING_CODE_MARGIN",
     "soft_rounding_h",
     "soft_quantize_weight",
     "soft_rounding_codes",
@@ -138,6 +140,11 @@ def soft_rounding_init(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _soft_rounding_inverse(ratio - torch.floor(ratio))
 
 
+def _rounding_base(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """floor(w / s): the lower choice of AdaRound's pair when no codes are given."""
+    return torch.floor(w.detach() / _per_channel(scale, w))
+
+
 def _soft_rounding_inverse(h: torch.Tensor) -> torch.Tensor:
     gamma, zeta = SOFT_ROUNDING_STRETCH
     h = h.clamp(1e-4, 1 - 1e-4)
@@ -160,12 +167,11 @@ def soft_rounding_start(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     at least ``SOFT_ROUNDING_CODE_MARGIN`` past 1/2 on the side of the code, so the hard rounding at the
     start reproduces ``codes`` exactly and the regularizer / loss may still move each weight either way.
     """
-    ratio = w / _per_channel(scale, w)
     if codes is None:
-        base = torch.floor(ratio)
-        return base, _soft_rounding_inverse(ratio - base)
+        return _rounding_base(w, scale), soft_rounding_init(w, scale)
     if codes.shape != w.shape:
         raise ValueError(f"codes have shape {tuple(codes.shape)}, the weight {tuple(w.shape)}")
+    ratio = w / _per_channel(scale, w)
     target = codes.to(w.dtype) - _per_channel(zero_point, w)
     up = ratio < target  # the code is the upper choice of its pair
     base = torch.where(up, target - 1, target)
@@ -184,8 +190,7 @@ def soft_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch
     if hard:
         return (soft_rounding_codes(w, scale, zero_point, bits, v, base) - z) * s
     qmin, qmax = qrange(bits)
-    if base is None:
-        base = torch.floor(w.detach() / s)
+    base = _rounding_base(w, scale) if base is None else base
     return (torch.clamp(base + soft_rounding_h(v) + z, qmin, qmax) - z) * s
 
 
@@ -194,11 +199,9 @@ def soft_rounding_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     """The integer codes (w's dtype) learned rounding variables ``v`` choose: base (default floor(w / s))
     plus one where h(v) >= 0.5, plus the zero point, clamped to the code range."""
     qmin, qmax = qrange(bits)
-    s, z = _per_channel(scale, w), _per_channel(zero_point, w)
     up = (soft_rounding_h(v) >= 0.5).to(w.dtype)
-    if base is None:
-        base = torch.floor(w.detach() / s)
-    return torch.clamp(base + up + z, qmin, qmax)
+    base = _rounding_base(w, scale) if base is None else base
+    return torch.clamp(base + up + _per_channel(zero_point, w), qmin, qmax)
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
